@@ -457,15 +457,20 @@ def ratio(value: float | None, reference: float | None) -> float | None:
 
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-    """Prints a Markdown table with right-aligned numeric columns."""
-    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows)]
-    line = "| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths)) + " |"
-    rule = "| " + " | ".join("-" * w for w in widths) + " |"
-    print(line)
-    print(rule)
+    """Prints a Markdown table: first column left-aligned, the others right-aligned."""
+    widths = [max(len(cell) for cell in column) for column in zip(headers, *rows, strict=True)]
+
+    def line(cells: Sequence[str]) -> str:
+        first, *rest = (
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
+        return "| " + " | ".join([first, *rest]) + " |"
+
+    print(line(headers))
+    print("| " + " | ".join("-" * w for w in widths) + " |")
     for row in rows:
-        cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]
-        print("| " + " | ".join(cells) + " |")
+        print(line(row))
 
 
 def machine() -> dict[str, Any]:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from anglekit.batching import AngleCollator, TokenizedDataset
-from anglekit.data import StsPairs, TrainData, load_sts, load_train_data
+from anglekit.data import TrainData, load_sts, load_train_data
 from anglekit.losses import AngleLoss, LossConfig
 from anglekit.model import DEFAULT_MODEL, AnglE
 
@@ -126,11 +126,10 @@ def _make_trainer_classes():
         """A Trainer whose loss is the AnglE objective and whose metric is dev Spearman."""
 
         def __init__(self, *args: Any, angle_loss: AngleLoss, texts_per_example: int,
-                     dev: StsPairs | None, lengths: list[int] | None, **kwargs: Any) -> None:
+                     lengths: list[int] | None, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self.angle_loss = angle_loss
             self.texts_per_example = texts_per_example
-            self.dev = dev
             self.lengths = lengths
             self.eval_seconds = 0.0
 
@@ -158,7 +157,7 @@ def _make_trainer_classes():
             model: AnglE = self.accelerator.unwrap_model(self.model)
             corr = evaluate_pairs(
                 lambda texts: model.encode(texts, batch_size=64, normalize=True, show_progress=False),
-                self.dev,
+                eval_dataset or self.eval_dataset,
             )
             metrics = {f"{metric_key_prefix}_spearman": corr.spearman,
                        f"{metric_key_prefix}_pearson": corr.pearson}
@@ -268,7 +267,6 @@ def fit(model: str | AnglE | None = None, train_data: str | Path | TrainData | N
         data_seed=opts.seed,
         bf16=opts.bf16,
         fp16=opts.fp16,
-        gradient_checkpointing=opts.gradient_checkpointing,
         eval_strategy="steps" if evaluating else "no",
         eval_steps=opts.eval_steps,
         save_strategy="steps",
@@ -293,7 +291,7 @@ def fit(model: str | AnglE | None = None, train_data: str | Path | TrainData | N
                                     drop_duplicates=opts.drop_duplicates),
         angle_loss=loss,
         texts_per_example=len(data.format.text_fields),
-        dev=dev,
+        eval_dataset=dev,
         lengths=dataset.lengths() if opts.group_by_length else None,
     )
     trainer.remove_callback(PrinterCallback)  # the library logs; it does not print
@@ -303,6 +301,8 @@ def fit(model: str | AnglE | None = None, train_data: str | Path | TrainData | N
     resume = get_last_checkpoint(str(out)) if opts.resume else None
     if opts.resume and resume is None:
         logger.warning("--resume: no checkpoint in %s, starting from scratch", out)
+    if opts.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
     model.train()
     output = trainer.train(resume_from_checkpoint=resume)
     model.eval()
