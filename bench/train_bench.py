@@ -31,11 +31,6 @@ from typing import Any
 import _common
 
 SYSTEMS = ("angle-emb", "st", "anglekit")
-ANGLE_EMB_VENV = _common.VENVS_DIR / "angle-emb"
-ST_VENV = _common.VENVS_DIR / "st"
-ANGLE_EMB_INSTALL = ([_common.TORCH_REQUIREMENT], ["angle-emb==0.6.1"])
-# The [train] extra brings datasets and accelerate, which SentenceTransformerTrainer needs.
-ST_INSTALL = ([_common.TORCH_REQUIREMENT], ["sentence-transformers[train]"])
 ST_LOSSES = ("AnglELoss", "CoSENTLoss")
 REFERENCE = "angle-emb"
 
@@ -89,14 +84,14 @@ def run_peer(system: str, python: Path, script: str, args: Sequence[str], thread
 
 def bench_angle_emb(config: TrainConfig) -> list[dict]:
     """angle-emb 0.6.1 with its AngleLoss (cosine_w=1, ibn_w=1, angle_w=0.02)."""
-    python = _common.ensure_venv(ANGLE_EMB_VENV, ANGLE_EMB_INSTALL)
+    python = _common.ensure_venv(_common.ANGLE_EMB_VENV, _common.ANGLE_EMB_INSTALL)
     args = config.worker_args()
     return [run_peer("angle-emb", python, "angle_emb_train.py", args, config.threads)]
 
 
 def bench_st(config: TrainConfig) -> list[dict]:
     """sentence-transformers with AnglELoss and with CoSENTLoss."""
-    python = _common.ensure_venv(ST_VENV, ST_INSTALL)
+    python = _common.ensure_venv(_common.ST_VENV, _common.ST_INSTALL)
     return [
         run_peer(
             f"sentence-transformers {loss}",
@@ -109,20 +104,31 @@ def bench_st(config: TrainConfig) -> list[dict]:
     ]
 
 
-def read_eval_score(path: Path) -> float:
+def read_eval_score(path: Path) -> tuple[float, str]:
     """Reads the STS-B score from an ``anglekit eval --json`` file.
 
+    The score is ``rows[0].scores["STS-B"]``; when eval names the task after the data
+    file instead (``"test"``) and it is the only score, that one is taken and its key
+    is returned so the results record it.
+
+    Returns:
+        The score and the key it was read from.
+
     Raises:
-        ValueError: If the file does not follow ``{"rows": [{"scores": {"STS-B": float}}]}``.
+        ValueError: If the file does not follow ``{"rows": [{"scores": {...}}]}`` or the
+            STS-B score cannot be told apart.
     """
     document = json.loads(path.read_text(encoding="utf-8"))
     try:
         scores = document["rows"][0]["scores"]
     except (KeyError, IndexError, TypeError) as err:
         raise ValueError(f"{path}: expected rows[0].scores, got {str(document)[:300]}") from err
-    if "STS-B" not in scores:
-        raise ValueError(f"{path}: no 'STS-B' score; scores are {sorted(scores)}")
-    return float(scores["STS-B"])
+    if "STS-B" in scores:
+        return float(scores["STS-B"]), "STS-B"
+    if len(scores) == 1:
+        key, value = next(iter(scores.items()))
+        return float(value), key
+    raise ValueError(f"{path}: no 'STS-B' score among {sorted(scores)}")
 
 
 def read_train_summary(path: Path) -> dict[str, Any]:
@@ -140,8 +146,11 @@ def read_train_summary(path: Path) -> dict[str, Any]:
     return summary
 
 
-def anglekit_eval(model_dir: Path, json_path: Path, threads: int) -> float:
+def anglekit_eval(model_dir: Path, json_path: Path, threads: int) -> tuple[float, str]:
     """Scores ``model_dir`` on STS-B test with ``anglekit eval``.
+
+    Returns:
+        The Spearman x100 and the key of the eval JSON it was read from.
 
     Raises:
         RuntimeError: If the command fails.
@@ -166,7 +175,8 @@ def bench_anglekit(config: TrainConfig) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="anglekit-bench-") as tmp_name:
         tmp = Path(tmp_name)
         try:
-            before: float | None = anglekit_eval(
+            before: float | None
+            before, _ = anglekit_eval(
                 _common.minilm_folder(), tmp / "eval-before.json", config.threads
             )
         except (RuntimeError, ValueError, OSError) as err:
@@ -200,7 +210,7 @@ def bench_anglekit(config: TrainConfig) -> list[dict]:
                 summary = read_train_summary(output_dir / "train_summary.json")
                 model_dir = Path(summary.get("model_dir", output_dir / "model"))
                 eval_json = tmp / f"eval-{output_dir.name}.json"
-                after = anglekit_eval(model_dir, eval_json, config.threads)
+                after, score_key = anglekit_eval(model_dir, eval_json, config.threads)
             except (RuntimeError, ValueError, OSError) as err:
                 rows.append(result(name, "failed", before=before, error=str(err)))
                 continue
@@ -216,6 +226,8 @@ def bench_anglekit(config: TrainConfig) -> list[dict]:
                     train_pairs_per_s=summary["train_pairs_per_s"],
                     peak_rss_mb=run.peak_rss_mb,
                     process_wall_s=run.wall_s,
+                    eval_score_key=score_key,
+                    best_step=summary.get("best_step"),
                 )
             )
     return rows

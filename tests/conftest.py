@@ -33,8 +33,12 @@ def build_tiny_bert(folder: Path, seed: int = 0) -> Path:
     tokenizer = BertTokenizerFast(vocab_file=str(write_wordpiece_vocab(folder)))
     torch.manual_seed(seed)
     config = BertConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-        num_attention_heads=2, intermediate_size=64, max_position_embeddings=128,
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
     )
     BertModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -51,8 +55,8 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Folder of a tiny random Llama decoder whose tokenizer has no pad token."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     folder = tmp_path_factory.mktemp("tiny-llama")
     chars = list(string.ascii_lowercase + string.digits + " .,!?'\"-:{}")
@@ -64,9 +68,15 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        bos_token_id=0, eos_token_id=1,
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=0,
+        eos_token_id=1,
     )
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -79,9 +89,20 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-WORDS = ["a man plays a flute", "a woman is cooking", "the cat sleeps", "kids play soccer",
-         "a dog runs fast", "the sun is bright", "a car drives by", "birds sing loudly",
-         "she reads a book", "he writes code", "rain falls today", "the train is late"]
+WORDS = [
+    "a man plays a flute",
+    "a woman is cooking",
+    "the cat sleeps",
+    "kids play soccer",
+    "a dog runs fast",
+    "the sun is bright",
+    "a car drives by",
+    "birds sing loudly",
+    "she reads a book",
+    "he writes code",
+    "rain falls today",
+    "the train is late",
+]
 
 
 @pytest.fixture

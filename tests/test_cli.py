@@ -21,8 +21,19 @@ def test_train_flags_cover_every_option():
     args = parser.parse_args(["train"])
     for f in [*fields(TrainOptions), *fields(LossConfig)]:
         assert getattr(args, f.name) == f.default, f.name
-    args = parser.parse_args(["train", "--bf16", "--no-drop-duplicates", "--dev-data", "none",
-                              "--max-steps", "7", "--ibn-threshold", "4"])
+    args = parser.parse_args(
+        [
+            "train",
+            "--bf16",
+            "--no-drop-duplicates",
+            "--dev-data",
+            "none",
+            "--max-steps",
+            "7",
+            "--ibn-threshold",
+            "4",
+        ]
+    )
     assert args.bf16 is True and args.drop_duplicates is False and args.dev_data is None
     assert args.max_steps == 7 and args.ibn_threshold == 4.0
 
@@ -39,15 +50,44 @@ def test_train_eval_encode_round_trip(tiny_bert, tmp_path, sts_rows, capsys):
     """train writes a model, eval prints and writes its Spearman, encode writes its vectors."""
     train = write_jsonl(tmp_path / "train.jsonl", sts_rows)
     out = tmp_path / "run"
-    code = main(["-q", "train", "--model", str(tiny_bert), "--train-data", str(train),
-                 "--dev-data", str(train), "--output-dir", str(out), "--max-steps", "2",
-                 "--eval-steps", "1", "--batch-size", "4", "--ibn-threshold", "4"])
+    code = main(
+        [
+            "-q",
+            "train",
+            "--model",
+            str(tiny_bert),
+            "--train-data",
+            str(train),
+            "--dev-data",
+            str(train),
+            "--output-dir",
+            str(out),
+            "--max-steps",
+            "2",
+            "--eval-steps",
+            "1",
+            "--batch-size",
+            "4",
+            "--ibn-threshold",
+            "4",
+        ]
+    )
     assert code == 0
     assert "model saved to" in capsys.readouterr().out
     model_dir = out / "model"
 
-    code = main(["-q", "eval", str(tiny_bert), str(model_dir), "--data", str(train),
-                 "--json", str(tmp_path / "eval.json")])
+    code = main(
+        [
+            "-q",
+            "eval",
+            str(tiny_bert),
+            str(model_dir),
+            "--data",
+            str(train),
+            "--json",
+            str(tmp_path / "eval.json"),
+        ]
+    )
     assert code == 0
     table = capsys.readouterr().out
     result = json.loads((tmp_path / "eval.json").read_text())
@@ -57,13 +97,38 @@ def test_train_eval_encode_round_trip(tiny_bert, tmp_path, sts_rows, capsys):
 
     texts = tmp_path / "texts.txt"
     texts.write_text("\n".join(WORDS[:5]) + "\n")
-    assert main(["-q", "encode", str(model_dir), "--input", str(texts),
-                 "--output", str(tmp_path / "v.npy"), "--normalize"]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "encode",
+                str(model_dir),
+                "--input",
+                str(texts),
+                "--output",
+                str(tmp_path / "v.npy"),
+                "--normalize",
+            ]
+        )
+        == 0
+    )
     vecs = np.load(tmp_path / "v.npy")
     assert vecs.shape == (5, 32)
     np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
-    assert main(["-q", "encode", str(model_dir), "--input", str(texts),
-                 "--output", str(tmp_path / "v.jsonl")]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "encode",
+                str(model_dir),
+                "--input",
+                str(texts),
+                "--output",
+                str(tmp_path / "v.jsonl"),
+            ]
+        )
+        == 0
+    )
     lines = (tmp_path / "v.jsonl").read_text().splitlines()
     assert json.loads(lines[0])["text"] == WORDS[0] and len(lines) == 5
 
@@ -79,8 +144,20 @@ def test_errors_are_one_line_and_nonzero(tiny_bert, tmp_path, capsys):
     assert main(["-q", "eval", str(tiny_bert), "--data", str(tmp_path / "missing.jsonl")]) == 1
     assert "missing.jsonl" in capsys.readouterr().err
 
-    assert main(["-q", "encode", str(tiny_bert), "--input", str(bad),
-                 "--output", str(tmp_path / "x.txt")]) == 1
+    assert (
+        main(
+            [
+                "-q",
+                "encode",
+                str(tiny_bert),
+                "--input",
+                str(bad),
+                "--output",
+                str(tmp_path / "x.txt"),
+            ]
+        )
+        == 1
+    )
     assert "--output" in capsys.readouterr().err
 
     with pytest.raises(SystemExit) as exit_info:

@@ -101,10 +101,14 @@ def test_similarity(model):
 
 
 def test_save_and_reload_without_arguments(model, tmp_path):
-    """A saved model reloads with its pooling, prompt, length and normalisation, encoding the same."""
+    """A saved model reloads with its pooling, prompt, length and normalisation; same vectors."""
     model = AnglE.from_pretrained(
-        str(model.backbone.name_or_path), pooling="weighted_mean", max_length=16,
-        prompt=Prompts.C, normalize=True, device="cpu",
+        str(model.backbone.name_or_path),
+        pooling="weighted_mean",
+        max_length=16,
+        prompt=Prompts.C,
+        normalize=True,
+        device="cpu",
     )
     before = model.encode(TEXTS)
     model.save_pretrained(tmp_path / "saved")
@@ -149,7 +153,10 @@ def test_sentence_transformers_folder_lends_pooling(tiny_bert, tmp_path):
     (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 24}))
     model = AnglE.from_pretrained(str(folder), device="cpu")
     assert model.config.pooling is Pooling.MEAN and model.config.max_length == 24
-    assert AnglE.from_pretrained(str(folder), pooling="max", device="cpu").config.pooling is Pooling.MAX
+    assert (
+        AnglE.from_pretrained(str(folder), pooling="max", device="cpu").config.pooling
+        is Pooling.MAX
+    )
 
 
 def test_trust_remote_code_off_by_default(tiny_bert, monkeypatch):

@@ -17,22 +17,34 @@ FAST = dict(batch_size=4, learning_rate=1e-3, logging_steps=1, progress=False, s
 
 @pytest.fixture
 def sts_files(tmp_path, sts_rows):
-    return write_jsonl(tmp_path / "train.jsonl", sts_rows), write_jsonl(tmp_path / "dev.jsonl", sts_rows)
+    return write_jsonl(tmp_path / "train.jsonl", sts_rows), write_jsonl(
+        tmp_path / "dev.jsonl", sts_rows
+    )
 
 
 def test_fit_scored_pairs_keeps_best_checkpoint(tiny_bert, sts_files, tmp_path):
-    """Training changes the weights, evaluates on dev, and saves the best checkpoint as the model."""
+    """Training changes the weights, evaluates on dev, and saves the best checkpoint."""
     train, dev = sts_files
     before = AnglE.from_pretrained(str(tiny_bert), device="cpu").encode(WORDS)
-    result = fit(str(tiny_bert), str(train), dev_data=str(dev), output_dir=str(tmp_path / "run"),
-                 max_steps=6, eval_steps=2, ibn_threshold=4.0, **FAST)
+    result = fit(
+        str(tiny_bert),
+        str(train),
+        dev_data=str(dev),
+        output_dir=str(tmp_path / "run"),
+        max_steps=6,
+        eval_steps=2,
+        ibn_threshold=4.0,
+        **FAST,
+    )
     assert result.steps == 6 and result.model_dir == tmp_path / "run" / "model"
     summary = json.loads((tmp_path / "run" / SUMMARY_FILE).read_text())
     assert summary["best_dev_spearman"] == pytest.approx(result.best_dev_spearman)
     assert summary["loss"]["ibn_threshold"] == 4.0
     assert result.best_step in (2, 4, 6)
     best = AnglE.from_pretrained(str(result.model_dir), device="cpu")
-    ckpt = AnglE.from_pretrained(str(tmp_path / "run" / f"checkpoint-{result.best_step}"), device="cpu")
+    ckpt = AnglE.from_pretrained(
+        str(tmp_path / "run" / f"checkpoint-{result.best_step}"), device="cpu"
+    )
     np.testing.assert_allclose(best.encode(WORDS), ckpt.encode(WORDS), atol=1e-6)
     assert not np.allclose(best.encode(WORDS), before, atol=1e-4)
     assert best.config.pooling.value == "cls"
@@ -40,13 +52,20 @@ def test_fit_scored_pairs_keeps_best_checkpoint(tiny_bert, sts_files, tmp_path):
 
 def test_fit_triplets_and_query_positive(tiny_bert, tmp_path):
     """Triplet and query/positive data train without labels and without a dev set."""
-    triplets = [{"query": WORDS[i], "positive": WORDS[i + 1], "negative": WORDS[i + 2]}
-                for i in range(8)]
+    triplets = [
+        {"query": WORDS[i], "positive": WORDS[i + 1], "negative": WORDS[i + 2]} for i in range(8)
+    ]
     pairs = [{"query": WORDS[i], "positive": [WORDS[i + 1], WORDS[i + 2]]} for i in range(8)]
     for name, rows in (("triplets", triplets), ("pairs", pairs)):
         data = write_jsonl(tmp_path / f"{name}.jsonl", rows)
-        result = fit(str(tiny_bert), str(data), dev_data=None, output_dir=str(tmp_path / name),
-                     max_steps=2, **FAST)
+        result = fit(
+            str(tiny_bert),
+            str(data),
+            dev_data=None,
+            output_dir=str(tmp_path / name),
+            max_steps=2,
+            **FAST,
+        )
         assert result.steps == 2 and result.best_dev_spearman is None
         assert (result.model_dir / "model.safetensors").is_file()
 
@@ -62,8 +81,14 @@ def test_resume_continues_from_last_checkpoint(tiny_bert, sts_files, tmp_path):
 
     shutil.rmtree(tmp_path / "cut" / "checkpoint-4")
     shutil.rmtree(tmp_path / "cut" / "model")
-    resumed = fit(str(tiny_bert), str(train), output_dir=str(tmp_path / "cut"), max_steps=4,
-                  resume=True, **common)
+    resumed = fit(
+        str(tiny_bert),
+        str(train),
+        output_dir=str(tmp_path / "cut"),
+        max_steps=4,
+        resume=True,
+        **common,
+    )
     assert resumed.steps == 4
     a = AnglE.from_pretrained(str(full.model_dir), device="cpu").encode(WORDS)
     b = AnglE.from_pretrained(str(resumed.model_dir), device="cpu").encode(WORDS)

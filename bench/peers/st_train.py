@@ -8,36 +8,19 @@ angle-emb's ``fit`` call. Prints one JSON object on its last stdout line.
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
-from pathlib import Path
 
 import _common
 
 LOSSES = ("AnglELoss", "CoSENTLoss")
 
 
-def parse_args() -> argparse.Namespace:
-    """Parses the worker's command line."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--loss", choices=LOSSES, required=True)
-    parser.add_argument("--model", type=Path, required=True, help="all-MiniLM-L6-v2 folder")
-    parser.add_argument("--train-data", type=Path, required=True)
-    parser.add_argument("--test-data", type=Path, required=True)
-    parser.add_argument("--steps", type=int, required=True)
-    parser.add_argument("--batch-size", type=int, required=True)
-    parser.add_argument("--max-length", type=int, required=True)
-    parser.add_argument("--learning-rate", type=float, required=True)
-    parser.add_argument("--warmup-steps", type=int, required=True)
-    parser.add_argument("--seed", type=int, required=True)
-    parser.add_argument("--threads", type=int, required=True)
-    return parser.parse_args()
-
-
 def main() -> None:
     """Scores, fine-tunes and rescores the model, then prints the result as JSON."""
-    args = parse_args()
+    parser = _common.train_worker_parser(__doc__.splitlines()[0])
+    parser.add_argument("--loss", choices=LOSSES, required=True)
+    args = parser.parse_args()
     _common.setup_torch(args.threads, args.seed)
 
     import torch

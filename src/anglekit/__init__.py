@@ -18,7 +18,17 @@ _EXPORTS = {
     "fit": "anglekit.training",
 }
 
-__all__ = ["__version__", *_EXPORTS]
+__all__ = [
+    "AnglE",
+    "AngleConfig",
+    "AngleLoss",
+    "LossConfig",
+    "Pooling",
+    "Prompts",
+    "TrainOptions",
+    "__version__",
+    "fit",
+]
 
 if TYPE_CHECKING:
     from anglekit.config import AngleConfig

@@ -20,12 +20,16 @@ from anglekit.data import Example, TrainData
 __all__ = ["AngleCollator", "TokenizedDataset", "pad_batch"]
 
 
-def pad_batch(ids: Sequence[Sequence[int]], pad_id: int, side: str = "right") -> dict[str, torch.Tensor]:
+def pad_batch(
+    ids: Sequence[Sequence[int]], pad_id: int, side: str = "right"
+) -> dict[str, torch.Tensor]:
     """Pad token id lists to the longest one.
 
     Returns:
         ``input_ids`` and ``attention_mask``, both ``(B, T)`` int64.
     """
+    if side not in ("left", "right"):
+        raise ValueError(f"padding side must be 'left' or 'right', got {side!r}")
     length = max((len(x) for x in ids), default=0)
     input_ids = torch.full((len(ids), length), pad_id, dtype=torch.long)
     mask = torch.zeros((len(ids), length), dtype=torch.long)
@@ -51,7 +55,9 @@ class TokenizedDataset(Dataset):
     ) -> None:
         self.format = data.format
         self.examples = data.examples
-        distinct = sorted({t for ex in data.examples for field in ex.texts for t in _options(field)})
+        distinct = sorted(
+            {t for ex in data.examples for field in ex.texts for t in _options(field)}
+        )
         self.token_ids = dict(zip(distinct, tokenize(distinct), strict=True))
         self.rng = random.Random(seed)
 
@@ -65,9 +71,7 @@ class TokenizedDataset(Dataset):
 
     def lengths(self) -> list[int]:
         """Longest tokenised text of each example (the first alternative of a list)."""
-        return [
-            max(len(self.token_ids[_options(f)[0]]) for f in ex.texts) for ex in self.examples
-        ]
+        return [max(len(self.token_ids[_options(f)[0]]) for f in ex.texts) for ex in self.examples]
 
 
 def _options(field: str | tuple[str, ...]) -> tuple[str, ...]:
@@ -98,7 +102,9 @@ class AngleCollator:
                     kept.append(item)
                     seen.update(item["texts"])
             items = kept or items[:1]
-        batch = pad_batch([ids for item in items for ids in item["ids"]], self.pad_id, self.padding_side)
+        batch = pad_batch(
+            [ids for item in items for ids in item["ids"]], self.pad_id, self.padding_side
+        )
         if items[0]["label"] is not None:
             batch["labels"] = torch.tensor([item["label"] for item in items], dtype=torch.float32)
         return batch

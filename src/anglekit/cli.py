@@ -62,12 +62,14 @@ def add_options(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
         kind = _annotation_type(str(f.type))
         help_text = f.metadata.get("help", "") + f" (default: {default})"
         if kind is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
-                               help=help_text)
+            group.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=default, help=help_text
+            )
         else:
             parse = _optional(kind) if "None" in str(f.type) else kind
-            group.add_argument(flag, type=parse, default=default, help=help_text,
-                               metavar=f.name.upper())
+            group.add_argument(
+                flag, type=parse, default=default, help=help_text, metavar=f.name.upper()
+            )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,24 +86,40 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     fmt = argparse.RawDescriptionHelpFormatter
 
-    train = sub.add_parser("train", help="fine-tune with the AnglE objective",
-                           epilog=TRAIN_EXAMPLES, formatter_class=fmt)
+    train = sub.add_parser(
+        "train",
+        help="fine-tune with the AnglE objective",
+        epilog=TRAIN_EXAMPLES,
+        formatter_class=fmt,
+    )
     add_options(train, TrainOptions, "training")
     add_options(train, LossConfig, "loss (see anglekit.losses)")
 
-    ev = sub.add_parser("eval", help="Spearman x100 on STS tasks", epilog=EVAL_EXAMPLES,
-                        formatter_class=fmt)
+    ev = sub.add_parser(
+        "eval", help="Spearman x100 on STS tasks", epilog=EVAL_EXAMPLES, formatter_class=fmt
+    )
     ev.add_argument("models", nargs="+", metavar="MODEL", help="model folders or hub ids")
-    ev.add_argument("--data", default="stsb:test",
-                    help="an STS-format file, or a folder with the STS12-16/STS-B/SICK-R suite "
-                         "(JSON Lines or SentEval layout) (default: bundled STS-B test)")
+    ev.add_argument(
+        "--data",
+        default="stsb:test",
+        help="an STS-format file, or a folder with the STS12-16/STS-B/SICK-R suite "
+        "(JSON Lines or SentEval layout) (default: bundled STS-B test)",
+    )
     ev.add_argument("--json", type=Path, help="also write the results as JSON here")
     ev.add_argument("--batch-size", type=int, default=64)
-    ev.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                    help="weight dtype for inference (default: as saved)")
+    ev.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default=None,
+        help="weight dtype for inference (default: as saved)",
+    )
 
-    enc = sub.add_parser("encode", help="embed texts to .npy or JSON Lines",
-                         epilog=ENCODE_EXAMPLES, formatter_class=fmt)
+    enc = sub.add_parser(
+        "encode",
+        help="embed texts to .npy or JSON Lines",
+        epilog=ENCODE_EXAMPLES,
+        formatter_class=fmt,
+    )
     enc.add_argument("model", help="model folder or hub id")
     enc.add_argument("--input", default="-", help="text file, one text per line (- = stdin)")
     enc.add_argument("--output", type=Path, required=True, help="output .npy or .jsonl")
@@ -166,8 +184,13 @@ def _encode(args: argparse.Namespace) -> int:
     if suffix not in (".npy", ".jsonl"):
         raise ValueError(f"--output must end in .npy or .jsonl, got {args.output}")
     model = AnglE.from_pretrained(args.model, dtype=args.dtype)
-    vecs = model.encode(lines, batch_size=args.batch_size, prompt=args.prompt,
-                        normalize=args.normalize, embedding_size=args.embedding_size)
+    vecs = model.encode(
+        lines,
+        batch_size=args.batch_size,
+        prompt=args.prompt,
+        normalize=args.normalize,
+        embedding_size=args.embedding_size,
+    )
     args.output.parent.mkdir(parents=True, exist_ok=True)
     if suffix == ".npy":
         np.save(args.output, vecs)
@@ -185,7 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
     from transformers.utils import logging as hf_logging

@@ -153,16 +153,19 @@ def detect_format(columns: Iterable[str]) -> DataFormat:
 def _read_local(path: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
     """Yield ``(line number, row or error message)`` for a JSON Lines, CSV or TSV file."""
     suffix = path.suffix.lower()
-    with path.open(encoding="utf-8", newline="") as f:
+    with path.open(encoding="utf-8-sig", newline="") as f:  # -sig: tolerate a byte-order mark
         if suffix in (".csv", ".tsv"):
-            reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
+            if suffix == ".tsv":  # tabs separate fields; quotes are text
+                reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+            else:
+                reader = csv.DictReader(f)
             if reader.fieldnames is None:
                 return
             for row in reader:
                 if None in row:
                     yield reader.line_num, f"{len(row[None])} more cells than header columns"
                     continue
-                yield reader.line_num, {k: v for k, v in row.items() if v is not None}
+                yield reader.line_num, row  # a short row's absent cells are None
             return
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
@@ -196,8 +199,7 @@ def _read_datasets(source: str, split: str) -> Iterator[tuple[int, dict[str, Any
         if split not in ds:
             raise ValueError(f"{source} has splits {sorted(ds)}, not {split!r}")
         ds = ds[split]
-    for i, row in enumerate(ds, start=1):
-        yield i, row
+    yield from enumerate(ds, start=1)
 
 
 def resolve_source(source: str | Path) -> str | Path:
@@ -248,6 +250,10 @@ def _check_label(value: Any, from_text: bool) -> tuple[float | None, str | None]
             return None, f"must be a number, got {value!r}"
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None, f"must be a number, got {type(value).__name__} {value!r}"
+    try:
+        value = float(value)
+    except OverflowError:
+        return None, f"is too large for a float: {value}"
     if not math.isfinite(value):
         return None, f"must be finite, got {value}"
     return float(value), None

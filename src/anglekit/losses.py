@@ -262,7 +262,9 @@ class AngleLoss(torch.nn.Module):
             raise TypeError(f"unknown AngleLoss argument(s) {unknown}; valid: {valid}")
         self.config = LossConfig(**{**base, **overrides})
 
-    def terms(self, embeddings: torch.Tensor, labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    def terms(
+        self, embeddings: torch.Tensor, labels: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
         """The weighted terms with a non-zero weight, by name.
 
         Args:

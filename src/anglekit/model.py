@@ -70,7 +70,9 @@ def _read_json(path: str | Path, name: str) -> dict[str, Any] | None:
     from transformers.utils import cached_file
 
     file = cached_file(
-        str(path), name, _raise_exceptions_for_missing_entries=False,
+        str(path),
+        name,
+        _raise_exceptions_for_missing_entries=False,
         _raise_exceptions_for_connection_errors=False,
     )
     return json.loads(Path(file).read_text()) if file else None
@@ -268,7 +270,9 @@ class AnglE(nn.Module):
         batch = [texts] if single else list(texts)
         bad = [i for i, t in enumerate(batch) if not isinstance(t, str)]
         if bad:
-            raise TypeError(f"texts must be strings; item {bad[0]} is {type(batch[bad[0]]).__name__}")
+            raise TypeError(
+                f"texts must be strings; item {bad[0]} is {type(batch[bad[0]]).__name__}"
+            )
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         dim = self.embedding_dim if embedding_size is None else embedding_size

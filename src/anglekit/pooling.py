@@ -65,7 +65,7 @@ def last_token_index(mask: torch.Tensor) -> torch.Tensor:
     return length - 1 - mask.flip(1).long().argmax(1)
 
 
-def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: Pooling | int) -> torch.Tensor:
+def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: Pooling | int | str) -> torch.Tensor:
     """Pool ``(B, T, H)`` hidden states under a ``(B, T)`` attention mask into ``(B, H)``.
 
     Args:
@@ -76,6 +76,7 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: Pooling | int) -> to
     Returns:
         ``(B, H)`` one vector per row.
     """
+    pooling = parse_pooling(pooling)
     rows = torch.arange(hidden.shape[0], device=hidden.device)
     if isinstance(pooling, int):
         return hidden[:, pooling]

@@ -29,9 +29,9 @@ def resolve_prompt(prompt: str | None) -> str | None:
     template = Prompts.names().get(prompt, prompt)
     try:
         template.format(text="")
-    except (KeyError, IndexError, ValueError) as e:
+    except (KeyError, IndexError, ValueError, AttributeError) as e:
         raise ValueError(f"prompt {prompt!r} is not a valid template: {e}") from None
-    if "{text}" not in template:
+    if template.format(text="x") == template.format(text=""):  # e.g. no {text}, or {{text}}
         raise ValueError(
             f"prompt {prompt!r} has no {{text}} placeholder; use a template such as "
             f"{Prompts.C!r} or one of {sorted(Prompts.names())}"

@@ -74,8 +74,14 @@ class TrainOptions:
 
     def __post_init__(self) -> None:
         problems = []
-        for name in ("batch_size", "gradient_accumulation_steps", "eval_steps", "save_steps",
-                     "logging_steps", "save_total_limit"):
+        for name in (
+            "batch_size",
+            "gradient_accumulation_steps",
+            "eval_steps",
+            "save_steps",
+            "logging_steps",
+            "save_total_limit",
+        ):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
@@ -125,8 +131,14 @@ def _make_trainer_classes():
     class AngleTrainer(Trainer):
         """A Trainer whose loss is the AnglE objective and whose metric is dev Spearman."""
 
-        def __init__(self, *args: Any, angle_loss: AngleLoss, texts_per_example: int,
-                     lengths: list[int] | None, **kwargs: Any) -> None:
+        def __init__(
+            self,
+            *args: Any,
+            angle_loss: AngleLoss,
+            texts_per_example: int,
+            lengths: list[int] | None,
+            **kwargs: Any,
+        ) -> None:
             super().__init__(*args, **kwargs)
             self.angle_loss = angle_loss
             self.texts_per_example = texts_per_example
@@ -156,15 +168,21 @@ def _make_trainer_classes():
             start = time.perf_counter()
             model: AnglE = self.accelerator.unwrap_model(self.model)
             corr = evaluate_pairs(
-                lambda texts: model.encode(texts, batch_size=64, normalize=True, show_progress=False),
+                lambda texts: model.encode(
+                    texts, batch_size=64, normalize=True, show_progress=False
+                ),
                 eval_dataset or self.eval_dataset,
             )
-            metrics = {f"{metric_key_prefix}_spearman": corr.spearman,
-                       f"{metric_key_prefix}_pearson": corr.pearson}
+            metrics = {
+                f"{metric_key_prefix}_spearman": corr.spearman,
+                f"{metric_key_prefix}_pearson": corr.pearson,
+            }
             self.eval_seconds += time.perf_counter() - start
             logger.info("step %d: dev spearman %.2f", self.state.global_step, corr.spearman)
             self.log(metrics)
-            self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+            self.control = self.callback_handler.on_evaluate(
+                self.args, self.state, self.control, metrics
+            )
             return metrics
 
         def _save(self, output_dir=None, state_dict=None):
@@ -175,8 +193,11 @@ def _make_trainer_classes():
             _load_backbone_weights(model or self.model, resume_from_checkpoint)
 
         def _load_best_model(self):
-            logger.info("loading the best checkpoint %s (dev spearman %.2f)",
-                        self.state.best_model_checkpoint, self.state.best_metric)
+            logger.info(
+                "loading the best checkpoint %s (dev spearman %.2f)",
+                self.state.best_model_checkpoint,
+                self.state.best_metric,
+            )
             _load_backbone_weights(self.model, self.state.best_model_checkpoint)
 
     class LogCallback(TrainerCallback):
@@ -184,8 +205,12 @@ def _make_trainer_classes():
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
-                logger.info("step %d: loss %.4f, lr %.3g", state.global_step, logs["loss"],
-                            logs.get("learning_rate", float("nan")))
+                logger.info(
+                    "step %d: loss %.4f, lr %.3g",
+                    state.global_step,
+                    logs["loss"],
+                    logs.get("learning_rate", float("nan")),
+                )
 
     return AngleTrainer, LogCallback
 
@@ -209,8 +234,11 @@ def _load_backbone_weights(model: AnglE, checkpoint: str) -> None:
         )
 
 
-def fit(model: str | AnglE | None = None, train_data: str | Path | TrainData | None = None,
-        **options: Any) -> TrainResult:
+def fit(
+    model: str | AnglE | None = None,
+    train_data: str | Path | TrainData | None = None,
+    **options: Any,
+) -> TrainResult:
     """Fine-tune an embedder with the AnglE objective.
 
     Args:
@@ -239,13 +267,18 @@ def fit(model: str | AnglE | None = None, train_data: str | Path | TrainData | N
     loss = AngleLoss(LossConfig(**loss_kwargs))
     torch.manual_seed(opts.seed)
 
-    data = train_data if isinstance(train_data, TrainData) else load_train_data(
-        opts.train_data, column_map=opts.column_map
+    data = (
+        train_data
+        if isinstance(train_data, TrainData)
+        else load_train_data(opts.train_data, column_map=opts.column_map)
     )
     dev = load_sts(opts.dev_data) if opts.dev_data else None
     if not isinstance(model, AnglE):
         model = AnglE.from_pretrained(
-            opts.model, pooling=opts.pooling, max_length=opts.max_length, prompt=opts.prompt,
+            opts.model,
+            pooling=opts.pooling,
+            max_length=opts.max_length,
+            prompt=opts.prompt,
         )
     _warn_on_label_scale(data, loss.config)
     dataset = TokenizedDataset(data, model.tokenize, seed=opts.seed)
@@ -287,8 +320,11 @@ def fit(model: str | AnglE | None = None, train_data: str | Path | TrainData | N
         model=model,
         args=args,
         train_dataset=dataset,
-        data_collator=AngleCollator(model.tokenizer.pad_token_id, model.config.padding_side,
-                                    drop_duplicates=opts.drop_duplicates),
+        data_collator=AngleCollator(
+            model.tokenizer.pad_token_id,
+            model.config.padding_side,
+            drop_duplicates=opts.drop_duplicates,
+        ),
         angle_loss=loss,
         texts_per_example=len(data.format.text_fields),
         eval_dataset=dev,
@@ -342,6 +378,8 @@ def _warn_on_label_scale(data: TrainData, loss: LossConfig) -> None:
     if top > 1 and positives > 0.5:
         logger.warning(
             "labels reach %.3g but ibn_threshold=%.3g makes %.0f%% of pairs in-batch positives; "
-            "for 0-5 STS scores set ibn_threshold to about 4", top, loss.ibn_threshold,
+            "for 0-5 STS scores set ibn_threshold to about 4",
+            top,
+            loss.ibn_threshold,
             100 * positives,
         )
