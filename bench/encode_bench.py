@@ -16,17 +16,16 @@ Example:
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import _common
 
 SYSTEMS = ("st", "anglekit")
 REFERENCE = "sentence-transformers"
+BENCH = "encode_bench"
 
 
 @dataclass(frozen=True)
@@ -51,24 +50,11 @@ class EncodeConfig:
         ]  # fmt: skip
 
 
-def run_worker(system: str, python: Path, script: str, args: Sequence[str], threads: int) -> dict:
-    """Runs an encoding worker and turns its JSON line into a result row."""
-    run = _common.run_process(
-        [python, _common.PEERS_DIR / script, *args],
-        _common.worker_env(threads),
-        _common.log_path("encode_bench", system.replace(" ", "_")),
-    )
-    if not run.ok:
-        return {"system": system, "status": "failed", "error": run.error()}
-    payload = run.last_json()
-    payload.pop("system", None)
-    return {"system": system, "status": "ok", "peak_rss_mb": run.peak_rss_mb, **payload}
-
-
 def bench_st(config: EncodeConfig) -> list[dict]:
     """sentence-transformers, torch backend, fp32."""
     python = _common.ensure_venv(_common.ST_VENV, _common.ST_INSTALL)
-    return [run_worker(REFERENCE, python, "st_encode.py", config.worker_args(), config.threads)]
+    args = config.worker_args()
+    return [_common.run_worker(BENCH, REFERENCE, python, "st_encode.py", args, config.threads)]
 
 
 def bench_anglekit(config: EncodeConfig) -> list[dict]:
@@ -78,9 +64,10 @@ def bench_anglekit(config: EncodeConfig) -> list[dict]:
     if not python.is_file():
         message = f"{python} not found: run `make` in {_common.REPO_ROOT} to build the project venv"
         print(f"[bench] skipping anglekit: {message}", file=sys.stderr)
-        return [{"system": name, "status": "skipped", "error": message} for name in names.values()]
+        return [_common.result_row(name, "skipped", error=message) for name in names.values()]
     return [
-        run_worker(
+        _common.run_worker(
+            BENCH,
             name,
             python,
             "anglekit_encode.py",
@@ -97,7 +84,15 @@ def print_report(rows: Sequence[dict[str, Any]]) -> None:
         (r["sentences_per_s"] for r in rows if r["system"] == REFERENCE and r["status"] == "ok"),
         None,
     )
-    headers = ["system", "sentences/s", "vs ST torch", "STS-B test", "peak RSS MB", "status"]
+    headers = [
+        "system",
+        "sentences/s",
+        "vs ST torch",
+        "STS-B test",
+        "peak RSS MB",
+        "other load",
+        "status",
+    ]
     table = [
         [
             row["system"],
@@ -105,15 +100,14 @@ def print_report(rows: Sequence[dict[str, Any]]) -> None:
             _common.fmt(_common.ratio(row.get("sentences_per_s"), reference)),
             _common.fmt(row.get("stsb_test")),
             _common.fmt(row.get("peak_rss_mb"), 0),
+            _common.fmt(row.get("other_cores")),
             row["status"],
         ]
         for row in rows
     ]
     print()
     _common.print_table(headers, table)
-    for row in rows:
-        if row["status"] != "ok":
-            print(f"\n{row['system']} {row['status']}: {row.get('error')}")
+    _common.print_failures(rows)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -121,20 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _common.base_parser(__doc__.splitlines()[0], SYSTEMS)
     args = parser.parse_args(argv)
     config = EncodeConfig(threads=args.threads)
-    runners = {"st": bench_st, "anglekit": bench_anglekit}
-    report = _common.Report(
-        "encode_bench", [sys.executable, *sys.argv], {**asdict(config), "systems": args.only}
-    )
-    for system in args.only:
-        try:
-            report.results.extend(runners[system](config))
-        except (subprocess.CalledProcessError, OSError, ValueError) as err:
-            report.results.append(
-                {"system": system, "status": "failed", "error": f"{type(err).__name__}: {err}"}
-            )
-    print_report(report.results)
-    print(f"\nresults written to {report.write()}")
-    return 0 if all(r["status"] != "failed" for r in report.results) else 1
+    runners = {"st": lambda: bench_st(config), "anglekit": lambda: bench_anglekit(config)}
+    return _common.run_benchmark(BENCH, config, args.only, runners, print_report)
 
 
 if __name__ == "__main__":

@@ -20,11 +20,10 @@ Example:
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,7 @@ import _common
 SYSTEMS = ("angle-emb", "st", "anglekit")
 ST_LOSSES = ("AnglELoss", "CoSENTLoss")
 REFERENCE = "angle-emb"
+BENCH = "train_bench"
 
 
 @dataclass(frozen=True)
@@ -63,37 +63,21 @@ class TrainConfig:
         ]  # fmt: skip
 
 
-def result(system: str, status: str, **fields: Any) -> dict[str, Any]:
-    """One row of results; ``status`` is ``ok``, ``failed`` or ``skipped``."""
-    return {"system": system, "status": status, **fields}
-
-
-def run_peer(system: str, python: Path, script: str, args: Sequence[str], threads: int) -> dict:
-    """Runs a peer worker and turns its JSON line and peak RSS into a result row."""
-    run = _common.run_process(
-        [python, _common.PEERS_DIR / script, *args],
-        _common.worker_env(threads),
-        _common.log_path("train_bench", system.replace(" ", "_")),
-    )
-    if not run.ok:
-        return result(system, "failed", error=run.error())
-    payload = run.last_json()
-    payload.pop("system", None)
-    return result(system, "ok", peak_rss_mb=run.peak_rss_mb, process_wall_s=run.wall_s, **payload)
-
-
 def bench_angle_emb(config: TrainConfig) -> list[dict]:
     """angle-emb 0.6.1 with its AngleLoss (cosine_w=1, ibn_w=1, angle_w=0.02)."""
     python = _common.ensure_venv(_common.ANGLE_EMB_VENV, _common.ANGLE_EMB_INSTALL)
     args = config.worker_args()
-    return [run_peer("angle-emb", python, "angle_emb_train.py", args, config.threads)]
+    return [
+        _common.run_worker(BENCH, "angle-emb", python, "angle_emb_train.py", args, config.threads)
+    ]
 
 
 def bench_st(config: TrainConfig) -> list[dict]:
     """sentence-transformers with AnglELoss and with CoSENTLoss."""
     python = _common.ensure_venv(_common.ST_VENV, _common.ST_INSTALL)
     return [
-        run_peer(
+        _common.run_worker(
+            BENCH,
             f"sentence-transformers {loss}",
             python,
             "st_train.py",
@@ -170,7 +154,7 @@ def bench_anglekit(config: TrainConfig) -> list[dict]:
     if not exe.is_file():
         message = f"{exe} not found: run `make` in {_common.REPO_ROOT} to build the project venv"
         print(f"[bench] skipping anglekit: {message}", file=sys.stderr)
-        return [result(name, "skipped", error=message) for name, _ in variants]
+        return [_common.result_row(name, "skipped", error=message) for name, _ in variants]
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="anglekit-bench-") as tmp_name:
         tmp = Path(tmp_name)
@@ -201,10 +185,10 @@ def bench_anglekit(config: TrainConfig) -> list[dict]:
             run = _common.run_process(
                 command,
                 _common.worker_env(config.threads),
-                _common.log_path("train_bench", name.replace(" ", "_").replace("-", "")),
+                _common.log_path(BENCH, name),
             )
             if not run.ok:
-                rows.append(result(name, "failed", before=before, error=run.error()))
+                rows.append(_common.result_row(name, "failed", before=before, error=run.error()))
                 continue
             try:
                 summary = read_train_summary(output_dir / "train_summary.json")
@@ -212,10 +196,10 @@ def bench_anglekit(config: TrainConfig) -> list[dict]:
                 eval_json = tmp / f"eval-{output_dir.name}.json"
                 after, score_key = anglekit_eval(model_dir, eval_json, config.threads)
             except (RuntimeError, ValueError, OSError) as err:
-                rows.append(result(name, "failed", before=before, error=str(err)))
+                rows.append(_common.result_row(name, "failed", before=before, error=str(err)))
                 continue
             rows.append(
-                result(
+                _common.result_row(
                     name,
                     "ok",
                     before=before,
@@ -226,6 +210,7 @@ def bench_anglekit(config: TrainConfig) -> list[dict]:
                     train_pairs_per_s=summary["train_pairs_per_s"],
                     peak_rss_mb=run.peak_rss_mb,
                     process_wall_s=run.wall_s,
+                    other_cores=run.other_cores,
                     eval_score_key=score_key,
                     best_step=summary.get("best_step"),
                 )
@@ -247,6 +232,7 @@ def print_report(rows: Sequence[dict]) -> None:
             _common.fmt(row.get("train_pairs_per_s"), 1),
             _common.fmt(_common.ratio(row.get("train_pairs_per_s"), reference)),
             _common.fmt(row.get("peak_rss_mb"), 0),
+            _common.fmt(row.get("other_cores")),
             row["status"],
         ]
         for row in rows
@@ -258,13 +244,12 @@ def print_report(rows: Sequence[dict]) -> None:
         "train pairs/s",
         f"vs {REFERENCE}",
         "peak RSS MB",
+        "other load",
         "status",
     ]
     print()
     _common.print_table(headers, table)
-    for row in rows:
-        if row["status"] != "ok":
-            print(f"\n{row['system']} {row['status']}: {row.get('error')}")
+    _common.print_failures(rows)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -273,18 +258,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=200, help="optimiser steps (default: 200)")
     args = parser.parse_args(argv)
     config = TrainConfig(steps=args.steps, threads=args.threads)
-    runners = {"angle-emb": bench_angle_emb, "st": bench_st, "anglekit": bench_anglekit}
-    report = _common.Report(
-        "train_bench", [sys.executable, *sys.argv], {**asdict(config), "systems": args.only}
-    )
-    for system in args.only:
-        try:
-            report.results.extend(runners[system](config))
-        except (subprocess.CalledProcessError, OSError, ValueError) as err:
-            report.results.append(result(system, "failed", error=f"{type(err).__name__}: {err}"))
-    print_report(report.results)
-    print(f"\nresults written to {report.write()}")
-    return 0 if all(r["status"] != "failed" for r in report.results) else 1
+    runners = {
+        "angle-emb": lambda: bench_angle_emb(config),
+        "st": lambda: bench_st(config),
+        "anglekit": lambda: bench_anglekit(config),
+    }
+    return _common.run_benchmark(BENCH, config, args.only, runners, print_report)
 
 
 if __name__ == "__main__":

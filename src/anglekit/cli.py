@@ -146,7 +146,6 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from anglekit.data import resolve_source
     from anglekit.evaluation import evaluate, format_table, results_to_json
     from anglekit.model import AnglE
 
@@ -157,7 +156,7 @@ def _eval(args: argparse.Namespace) -> int:
         def encode(texts: list[str], model: AnglE = model) -> Any:
             return model.encode(texts, batch_size=args.batch_size, normalize=True)
 
-        rows.append((name, evaluate(encode, resolve_source(args.data))))
+        rows.append((name, evaluate(encode, args.data)))
     print(format_table(rows))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

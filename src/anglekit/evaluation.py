@@ -463,14 +463,17 @@ def load_task(data_dir: str | os.PathLike[str], task: Task | str) -> StsPairs | 
     return pairs
 
 
+BUNDLED_TASKS = {"stsb:test": Task.STSB}  # test sets shipped with the package
+
+
 def load_tasks(
     source: str | os.PathLike[str], tasks: Iterable[Task | str] | None = None
 ) -> dict[str, StsPairs | None]:
     """Read the evaluation sets of a folder (suite) or a single STS-format file.
 
     Args:
-        source: a folder in either layout of the module docstring, or one ``.jsonl``/``.csv``/
-            ``.tsv`` file with ``text1``, ``text2``, ``label``.
+        source: a folder in either layout of the module docstring, one ``.jsonl``/``.csv``/
+            ``.tsv`` file with ``text1``, ``text2``, ``label``, or the bundled ``stsb:test``.
         tasks: with a folder, the tasks to read (default: all seven); not allowed with a file.
 
     Returns:
@@ -481,6 +484,8 @@ def load_tasks(
         FileNotFoundError: ``source`` does not exist, or a folder holds none of the tasks.
         ValueError: ``tasks`` given with a file, an unknown task, or malformed data.
     """
+    if str(source) in BUNDLED_TASKS:
+        return {BUNDLED_TASKS[str(source)].value: load_sts(str(source))}
     path = Path(source)
     if path.is_file():
         if tasks is not None:
