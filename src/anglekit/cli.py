@@ -1,4 +1,4 @@
-"""The ``anglekit`` command: ``train``, ``eval`` and ``encode``.
+"""The ``anglekit`` command: ``train``, ``eval``, ``encode`` and ``push``.
 
 ``main(argv)`` returns the exit code, so tests call it in-process. Training flags are built
 from :class:`~anglekit.training.TrainOptions` and :class:`~anglekit.losses.LossConfig`, the
@@ -31,10 +31,16 @@ EVAL_EXAMPLES = """examples:
   anglekit eval sentence-transformers/all-MiniLM-L6-v2 runs/anglekit/model   # STS-B test
   anglekit eval runs/anglekit/model --data ~/SentEval/data/downstream --json results.json
   anglekit eval runs/anglekit/model --data my_sts.csv
+  anglekit eval runs/anglekit/model --update-card --plot runs/anglekit/eval-plots
 """
 ENCODE_EXAMPLES = """examples:
   anglekit encode runs/anglekit/model --input texts.txt --output vecs.npy
   cat texts.txt | anglekit encode runs/anglekit/model --output vecs.jsonl --normalize
+"""
+PUSH_EXAMPLES = """examples:
+  hf auth login                                    # once, or set HF_TOKEN
+  anglekit push runs/anglekit/model my-user/minilm-angle-stsb
+  anglekit push runs/anglekit/model my-org/minilm-angle --private
 """
 
 
@@ -113,6 +119,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="weight dtype for inference (default: as saved)",
     )
+    ev.add_argument(
+        "--plot",
+        type=Path,
+        metavar="DIR",
+        help="write per-task scatter plots and a bar chart of the suite here "
+        '(pip install "anglekit[plot]")',
+    )
+    ev.add_argument(
+        "--update-card",
+        action="store_true",
+        help="record the printed results in each model's card (README.md); "
+        "models must be folders saved by anglekit",
+    )
 
     enc = sub.add_parser(
         "encode",
@@ -128,6 +147,24 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None)
     enc.add_argument("--embedding-size", type=int, default=None)
     enc.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+
+    push = sub.add_parser(
+        "push",
+        help="upload a saved model folder to the Hugging Face Hub",
+        epilog=PUSH_EXAMPLES,
+        formatter_class=fmt,
+    )
+    push.add_argument("model_dir", metavar="MODEL_DIR", help="folder saved by anglekit")
+    push.add_argument("repo_id", metavar="REPO_ID", help="hub repo, user/name or org/name")
+    push.add_argument(
+        "--private",
+        action="store_true",
+        default=None,
+        help="create the repo private (default: the hub's default)",
+    )
+    push.add_argument(
+        "--token", default=None, help="Hugging Face token (default: HF_TOKEN or hf auth login)"
+    )
     return parser
 
 
@@ -146,21 +183,50 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from anglekit.evaluation import evaluate, format_table, results_to_json
+    from anglekit.card import MEASURED_BY_EVAL, record_eval_in_folder
+    from anglekit.config import CONFIG_NAME
+    from anglekit.evaluation import format_table, load_tasks, results_to_json, run_suite
     from anglekit.model import AnglE
 
-    rows = []
+    if args.plot:
+        from anglekit.plots import require_matplotlib
+
+        require_matplotlib()
+    if args.update_card:
+        for name in args.models:
+            if not (Path(name) / CONFIG_NAME).is_file():
+                raise ValueError(
+                    f"--update-card needs model folders saved by anglekit; {name} has no "
+                    f"{CONFIG_NAME}"
+                )
+    datasets = load_tasks(args.data)
+    progress = False if args.quiet else None  # None: only on a terminal
+    rows, cards = [], []
     for name in args.models:
         model = AnglE.from_pretrained(name, dtype=args.dtype)
 
         def encode(texts: list[str], model: AnglE = model) -> Any:
-            return model.encode(texts, batch_size=args.batch_size, normalize=True)
+            return model.encode(
+                texts, batch_size=args.batch_size, normalize=True, show_progress=progress
+            )
 
-        rows.append((name, evaluate(encode, args.data)))
+        result = run_suite(encode, datasets, keep_cosines=bool(args.plot), show_progress=progress)
+        rows.append((name, result))
+        cards.append(model.card_data)
     print(format_table(rows))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results_to_json(rows), indent=2) + "\n")
+    if args.update_card:
+        measured_by = MEASURED_BY_EVAL + (f" --dtype {args.dtype}" if args.dtype else "")
+        for (name, result), card in zip(rows, cards, strict=True):
+            record_eval_in_folder(name, card, result, args.data, measured_by=measured_by)
+            logger.info("recorded the results in the card of %s", name)
+    if args.plot:
+        from anglekit.plots import eval_plots
+
+        written = eval_plots(rows, datasets, args.plot)
+        logger.info("wrote %d plots to %s", len(written), args.plot)
     return 0
 
 
@@ -189,6 +255,7 @@ def _encode(args: argparse.Namespace) -> int:
         prompt=args.prompt,
         normalize=args.normalize,
         embedding_size=args.embedding_size,
+        show_progress=False if args.quiet else None,
     )
     args.output.parent.mkdir(parents=True, exist_ok=True)
     if suffix == ".npy":
@@ -198,6 +265,14 @@ def _encode(args: argparse.Namespace) -> int:
             for text, vec in zip(lines, vecs, strict=True):
                 f.write(json.dumps({"text": text, "embedding": vec.tolist()}) + "\n")
     logger.info("wrote %d embeddings of size %d to %s", len(lines), vecs.shape[1], args.output)
+    return 0
+
+
+def _push(args: argparse.Namespace) -> int:
+    from anglekit.hub import push_to_hub
+
+    url = push_to_hub(args.model_dir, args.repo_id, private=args.private, token=args.token)
+    print(f"pushed {args.model_dir} to {url}")
     return 0
 
 
@@ -217,10 +292,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     hf_logging.disable_progress_bar()
     if args.quiet and hasattr(args, "progress"):
         args.progress = False
-    command = {"train": _train, "eval": _eval, "encode": _encode}[args.command]
+    command = {"train": _train, "eval": _eval, "encode": _encode, "push": _push}[args.command]
     try:
         return command(args)
-    except (ValueError, TypeError, OSError, RuntimeError) as e:
+    except (ValueError, TypeError, OSError, RuntimeError, ImportError) as e:
         print(f"anglekit {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -46,9 +46,10 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
@@ -67,6 +68,7 @@ __all__ = [
     "format_table",
     "load_task",
     "load_tasks",
+    "pair_cosines",
     "results_to_json",
     "run_suite",
     "sts_correlations",
@@ -132,9 +134,12 @@ class SuiteResult:
             ``None`` when the task's data was not found. Keys are plain strings; since
             :class:`Task` is a ``str`` Enum, ``scores[Task.STSB]`` and ``scores["STS-B"]`` are
             the same entry.
+        cosines: task name -> the ``(N,)`` per-pair cosines behind its score, when
+            :func:`run_suite` was asked to keep them (for plots); else ``None``.
     """
 
     scores: dict[str, Correlation | None]
+    cosines: dict[str, np.ndarray] | None = field(default=None, compare=False, repr=False)
 
     @property
     def present(self) -> dict[str, Correlation]:
@@ -204,18 +209,18 @@ def sts_correlations(
     return Correlation(spearman=spearman, pearson=pearson, n=n)
 
 
-def evaluate_pairs(encode: Encoder, pairs: StsPairs) -> Correlation:
-    """Score one STS set: correlate ``cos(encode(text1_i), encode(text2_i))`` with gold.
+def pair_cosines(encode: Encoder, pairs: StsPairs) -> np.ndarray:
+    """``cos(encode(text1_i), encode(text2_i))`` for each pair of an STS set.
 
     Each distinct text of both columns is encoded once, in one call to ``encode``. Embeddings
     are L2-normalised here, so ``encode`` need not normalise.
 
     Args:
         encode: maps a list of ``M`` texts to an ``(M, D)`` array.
-        pairs: the sentence pairs and gold scores.
+        pairs: the sentence pairs.
 
     Returns:
-        The :class:`Correlation` over all pairs.
+        The ``(N,)`` float64 cosines, in the order of the pairs.
 
     Raises:
         ValueError: ``encode`` returned the wrong shape or non-finite values.
@@ -232,8 +237,23 @@ def evaluate_pairs(encode: Encoder, pairs: StsPairs) -> Correlation:
     emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)  # (M, D)
     u = emb[[index[t] for t in pairs.text1]]  # (N, D)
     v = emb[[index[t] for t in pairs.text2]]  # (N, D)
-    cos = np.einsum("nd,nd->n", u, v)  # (N,)
-    return sts_correlations(cos, pairs.scores)
+    return np.einsum("nd,nd->n", u, v)  # (N,)
+
+
+def evaluate_pairs(encode: Encoder, pairs: StsPairs) -> Correlation:
+    """Score one STS set: correlate :func:`pair_cosines` with the gold scores.
+
+    Args:
+        encode: maps a list of ``M`` texts to an ``(M, D)`` array.
+        pairs: the sentence pairs and gold scores.
+
+    Returns:
+        The :class:`Correlation` over all pairs.
+
+    Raises:
+        ValueError: ``encode`` returned the wrong shape or non-finite values.
+    """
+    return sts_correlations(pair_cosines(encode, pairs), pairs.scores)
 
 
 # --- SentEval layout -------------------------------------------------------------------------
@@ -508,24 +528,42 @@ def load_tasks(
 # --- running and reporting -------------------------------------------------------------------
 
 
-def run_suite(encode: Encoder, datasets: Mapping[str, StsPairs | None]) -> SuiteResult:
+def run_suite(
+    encode: Encoder,
+    datasets: Mapping[str, StsPairs | None],
+    *,
+    keep_cosines: bool = False,
+    show_progress: bool | None = None,
+) -> SuiteResult:
     """Evaluate ``encode`` on each set; ``None`` sets are kept as missing.
 
     Args:
         encode: maps a list of texts to an ``(N, D)`` array.
         datasets: name -> pairs (or ``None``), as returned by :func:`load_tasks`.
+        keep_cosines: also return each task's per-pair cosines (``SuiteResult.cosines``).
+        show_progress: a progress bar over the tasks; by default only on a terminal.
 
     Returns:
         The :class:`SuiteResult`, keyed like ``datasets``.
     """
     scores: dict[str, Correlation | None] = {}
-    for key, pairs in datasets.items():
+    cosines: dict[str, np.ndarray] = {}
+    items: Iterable[tuple[str, StsPairs | None]] = list(datasets.items())
+    show = sys.stderr.isatty() if show_progress is None else show_progress
+    if show and len(datasets) > 1:
+        from tqdm.auto import tqdm
+
+        items = tqdm(items, desc="eval", unit="task")
+    for key, pairs in items:
         name = key.value if isinstance(key, Task) else str(key)
         if pairs is None:
             logger.info("%-6s  missing (no data)", name)
             scores[name] = None
             continue
-        result = evaluate_pairs(encode, pairs)
+        cos = pair_cosines(encode, pairs)
+        result = sts_correlations(cos, pairs.scores)
+        if keep_cosines:
+            cosines[name] = cos
         logger.info(
             "%-6s  spearman %6.2f  pearson %6.2f  (n=%d)",
             name,
@@ -534,7 +572,7 @@ def run_suite(encode: Encoder, datasets: Mapping[str, StsPairs | None]) -> Suite
             result.n,
         )
         scores[name] = result
-    return SuiteResult(scores=scores)
+    return SuiteResult(scores=scores, cosines=cosines if keep_cosines else None)
 
 
 def evaluate(

@@ -19,6 +19,7 @@ from torch import nn
 from anglekit import __version__
 from anglekit._files import atomic_directory
 from anglekit.batching import pad_batch
+from anglekit.card import CARD_DATA_NAME, CardData, read_base_license, write_card
 from anglekit.config import CONFIG_NAME, AngleConfig, BackboneKind
 from anglekit.pooling import Pooling, parse_pooling, pool
 from anglekit.prompts import apply_prompt, resolve_prompt
@@ -111,6 +112,8 @@ class AnglE(nn.Module):
         self.backbone = backbone
         self.tokenizer = tokenizer
         self.config = config
+        self.card_data = CardData(base_model=config.base_model)  # what the model card states
+        self.name_or_path: str | None = None  # set by from_pretrained
         if tokenizer.pad_token_id is None:
             if tokenizer.eos_token is None:
                 raise ValueError("the tokenizer has neither a pad nor an eos token to pad with")
@@ -134,7 +137,9 @@ class AnglE(nn.Module):
         """Load a backbone (local folder or hub id) and its anglekit settings.
 
         Settings saved with the model (``anglekit_config.json``) are used unless an argument
-        overrides them. A sentence-transformers folder lends its pooling and max length.
+        overrides them. A sentence-transformers folder lends its pooling and max length. The
+        model card data (``anglekit_card.json``) is read into ``card_data``; a model without
+        one gets a card naming it as the base model, with the license of its README.md.
 
         Args:
             name_or_path: a local folder or a hub id; ``all-MiniLM-L6-v2`` loads from its
@@ -156,6 +161,12 @@ class AnglE(nn.Module):
         path = resolve_model_path(name_or_path)
         saved = _read_json(path, CONFIG_NAME)
         config = AngleConfig.from_dict(saved, source=f"{path}/{CONFIG_NAME}") if saved else None
+        saved_card = _read_json(path, CARD_DATA_NAME)
+        card = (
+            CardData.from_dict(saved_card, source=f"{path}/{CARD_DATA_NAME}")
+            if saved_card
+            else None
+        )
         hf_config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         if config is None:
             decoder = _is_decoder(hf_config)
@@ -167,6 +178,7 @@ class AnglE(nn.Module):
                 base_model=name_or_path,
             )
             config = replace(config, **_sentence_transformers_defaults(path))
+            card = CardData(base_model=name_or_path, license=read_base_license(path))
         overrides = {
             "pooling": None if pooling is None else parse_pooling(pooling),
             "max_length": max_length,
@@ -182,6 +194,8 @@ class AnglE(nn.Module):
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         config = replace(config, dtype=_dtype_name(torch_dtype))
         model = cls(backbone, tokenizer, config)
+        model.card_data = card or CardData(base_model=config.base_model)
+        model.name_or_path = name_or_path
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         return model.to(device).eval()
 
@@ -311,10 +325,12 @@ class AnglE(nn.Module):
         return float(sims[0, 0]) if isinstance(a, str) and isinstance(b, str) else sims
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """Save weights (safetensors), tokenizer and anglekit config, atomically.
+        """Save weights (safetensors), tokenizer, anglekit config and model card, atomically.
 
-        The folder is written under a temporary name and renamed into place, so an
-        interrupted save leaves any earlier model at ``directory`` intact.
+        The card data (``anglekit_card.json``, see :mod:`anglekit.card`) is saved beside the
+        weights and rendered as ``README.md``. The folder is written under a temporary name
+        and renamed into place, so an interrupted save leaves any earlier model at
+        ``directory`` intact.
         """
         config = replace(
             self.config,
@@ -325,4 +341,6 @@ class AnglE(nn.Module):
             self.backbone.save_pretrained(tmp, safe_serialization=True)
             self.tokenizer.save_pretrained(tmp)
             config.save(tmp)
+            card = replace(self.card_data, embedding_dim=self.embedding_dim, readme_sha256=None)
+            write_card(tmp, card, config, model_id=card.repo_id or str(directory))
         logger.info("saved model to %s", directory)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 
 from anglekit.batching import AngleCollator, TokenizedDataset
+from anglekit.card import MEASURED_BY_TRAIN, CardData, training_options
 from anglekit.data import TrainData, load_sts, load_train_data
 from anglekit.losses import AngleLoss, LossConfig
 from anglekit.model import DEFAULT_MODEL, AnglE
@@ -71,6 +73,8 @@ class TrainOptions:
     drop_duplicates: bool = _opt(True, "drop examples whose text already appears in the batch")
     group_by_length: bool = _opt(True, "batch texts of similar length together (less padding)")
     progress: bool = _opt(True, "show a progress bar on a terminal")
+    plots: bool = _opt(True, "loss and dev Spearman curves in <output-dir>/plots (matplotlib)")
+    push_to_hub: str | None = _opt(None, "upload the final model to this hub repo (user/name)")
 
     def __post_init__(self) -> None:
         problems = []
@@ -167,12 +171,7 @@ def _make_trainer_classes():
 
             start = time.perf_counter()
             model: AnglE = self.accelerator.unwrap_model(self.model)
-            corr = evaluate_pairs(
-                lambda texts: model.encode(
-                    texts, batch_size=64, normalize=True, show_progress=False
-                ),
-                eval_dataset or self.eval_dataset,
-            )
+            corr = evaluate_pairs(_dev_encoder(model), eval_dataset or self.eval_dataset)
             metrics = {
                 f"{metric_key_prefix}_spearman": corr.spearman,
                 f"{metric_key_prefix}_pearson": corr.pearson,
@@ -187,7 +186,10 @@ def _make_trainer_classes():
 
         def _save(self, output_dir=None, state_dict=None):
             if self.args.should_save:
-                self.accelerator.unwrap_model(self.model).save_pretrained(output_dir)
+                model: AnglE = self.accelerator.unwrap_model(self.model)
+                if model.card_data.training is not None:  # the checkpoint's card: its step
+                    model.card_data.training["steps"] = self.state.global_step
+                model.save_pretrained(output_dir)
 
         def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
             _load_backbone_weights(model or self.model, resume_from_checkpoint)
@@ -265,6 +267,10 @@ def fit(
         train_kwargs["train_data"] = str(train_data)
     opts = TrainOptions(**train_kwargs)
     loss = AngleLoss(LossConfig(**loss_kwargs))
+    if opts.push_to_hub:
+        from anglekit.hub import check_can_push
+
+        check_can_push(opts.push_to_hub)  # fail now, not after training
     torch.manual_seed(opts.seed)
 
     data = (
@@ -286,6 +292,7 @@ def fit(
 
     out = Path(opts.output_dir)
     evaluating = dev is not None
+    show_progress = opts.progress and sys.stderr.isatty()
     args = TrainingArguments(
         output_dir=str(out),
         num_train_epochs=opts.epochs,
@@ -312,7 +319,7 @@ def fit(
         report_to=[] if opts.report_to == "none" else [opts.report_to],
         remove_unused_columns=False,
         dataloader_pin_memory=torch.cuda.is_available(),
-        disable_tqdm=not opts.progress,
+        disable_tqdm=not show_progress,
         use_cpu=not torch.cuda.is_available(),
     )
     trainer_class, log_callback = _make_trainer_classes()
@@ -331,7 +338,7 @@ def fit(
         lengths=dataset.lengths() if opts.group_by_length else None,
     )
     trainer.remove_callback(PrinterCallback)  # the library logs; it does not print
-    if not opts.progress:
+    if not show_progress:
         trainer.remove_callback(ProgressCallback)
     trainer.add_callback(log_callback())
     resume = get_last_checkpoint(str(out)) if opts.resume else None
@@ -339,11 +346,26 @@ def fit(
         logger.warning("--resume: no checkpoint in %s, starting from scratch", out)
     if opts.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    source = data.source if isinstance(train_data, TrainData) else opts.train_data
+    model.card_data = _card_for_run(model, opts, loss, data, source, dev, args)
     model.train()
     output = trainer.train(resume_from_checkpoint=resume)
     model.eval()
 
     final = out / FINAL_MODEL_DIR
+    model.card_data.training.update(
+        steps=trainer.state.global_step,
+        epochs=trainer.state.epoch,
+        best_step=trainer.state.best_global_step if evaluating else None,
+        best_dev_spearman=trainer.state.best_metric if evaluating else None,
+    )
+    if dev is not None:  # the final model, scored as `anglekit eval` scores it
+        from anglekit.evaluation import run_suite
+
+        dev_name = Path(opts.dev_data).stem if Path(opts.dev_data).is_file() else opts.dev_data
+        final_dev = run_suite(_dev_encoder(model), {dev_name: dev}, show_progress=False)
+        logger.info("final model: dev spearman %.2f", final_dev.scores[dev_name].spearman)
+        model.card_data.record_eval(final_dev, opts.dev_data, MEASURED_BY_TRAIN)
     model.save_pretrained(final)
     seconds = output.metrics["train_runtime"] - trainer.eval_seconds
     examples = trainer.state.global_step * opts.batch_size * opts.gradient_accumulation_steps
@@ -365,7 +387,58 @@ def fit(
     }
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     logger.info("saved the final model to %s", final)
+    if opts.plots:
+        from anglekit.plots import write_training_plots
+
+        write_training_plots(trainer.state.log_history, out / "plots")
+    if opts.push_to_hub:
+        from anglekit.hub import push_to_hub
+
+        push_to_hub(final, opts.push_to_hub)
     return result
+
+
+def _dev_encoder(model: AnglE):
+    """How dev sets are encoded, in training and after it (as ``anglekit eval`` does)."""
+    return lambda texts: model.encode(texts, batch_size=64, normalize=True, show_progress=False)
+
+
+def _card_for_run(
+    model: AnglE,
+    opts: TrainOptions,
+    loss: AngleLoss,
+    data: TrainData,
+    source: str,
+    dev: Any,
+    args: Any,
+) -> CardData:
+    """The model card data of a run: its options, loss, data; results are added at the end."""
+    options = training_options(asdict(opts), evaluating=dev is not None)
+    options["optimizer"] = str(getattr(args.optim, "value", args.optim))
+    options["lr_scheduler"] = str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))
+    options["effective_batch_size"] = (
+        opts.batch_size * opts.gradient_accumulation_steps * args.world_size
+    )
+    # Which terms apply to this data format, asked of the loss itself on a random batch.
+    probe = torch.randn(2, len(data.format.text_fields), 4, generator=torch.Generator())
+    labels = torch.tensor([0.0, 1.0]) if data.format.has_label else None
+    data_info: dict[str, Any] = {
+        "source": source,
+        "format": data.format.value,
+        "examples": len(data),
+    }
+    if opts.column_map:
+        data_info["column_map"] = opts.column_map
+    if dev is not None:
+        data_info.update(dev=opts.dev_data, dev_pairs=len(dev))
+    return CardData(
+        base_model=model.card_data.base_model or model.config.base_model,
+        license=model.card_data.license,
+        training={"start_model": model.name_or_path or model.config.base_model, "options": options},
+        loss={"config": asdict(loss.config), "terms": list(loss.terms(probe, labels))},
+        data=data_info,
+        repo_id=opts.push_to_hub,
+    )
 
 
 def _warn_on_label_scale(data: TrainData, loss: LossConfig) -> None:
