@@ -46,6 +46,12 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", required=True)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--test", action="store_true", help="also report STS-B test")
+    parser.add_argument(
+        "--curve",
+        type=int,
+        default=0,
+        help="also score a checkpoint saved every N steps (dev, and test with --test)",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results/tune_loss.jsonl"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -73,6 +79,16 @@ def main() -> None:
             }
             if args.test:
                 row["test"] = evaluate_pairs(encode, test).spearman
+            for ckpt in sorted(Path(tmp).glob("checkpoint-*"), key=lambda p: int(p.name[11:])):
+                m = AnglE.from_pretrained(str(ckpt))
+
+                def enc(texts, m=m):
+                    return m.encode(texts, batch_size=64, normalize=True)
+
+                point = {"step": int(ckpt.name[11:]), "dev": evaluate_pairs(enc, dev).spearman}
+                if args.test:
+                    point["test"] = evaluate_pairs(enc, test).spearman
+                row.setdefault("curve", []).append(point)
         print(json.dumps(row), flush=True)
         with args.out.open("a") as f:
             f.write(json.dumps(row) + "\n")

@@ -8,11 +8,18 @@ import numpy as np
 import pytest
 
 from anglekit import AnglE, TrainOptions, fit
-from anglekit.training import SUMMARY_FILE, split_options
+from anglekit.training import SUMMARY_FILE, fast_bf16, split_options
 
 from .conftest import WORDS, write_jsonl
 
-FAST = dict(batch_size=4, learning_rate=1e-3, logging_steps=1, progress=False, save_total_limit=5)
+FAST = dict(
+    batch_size=4,
+    learning_rate=1e-3,
+    logging_steps=1,
+    progress=False,
+    save_total_limit=5,
+    plots=False,
+)
 
 
 @pytest.fixture
@@ -40,6 +47,7 @@ def test_fit_scored_pairs_keeps_best_checkpoint(tiny_bert, sts_files, tmp_path):
     summary = json.loads((tmp_path / "run" / SUMMARY_FILE).read_text())
     assert summary["best_dev_spearman"] == pytest.approx(result.best_dev_spearman)
     assert summary["loss"]["ibn_threshold"] == 4.0
+    assert summary["options"]["bf16"] is fast_bf16()  # "unset" resolved and recorded
     assert result.best_step in (2, 4, 6)
     best = AnglE.from_pretrained(str(result.model_dir), device="cpu")
     ckpt = AnglE.from_pretrained(

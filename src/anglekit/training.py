@@ -13,7 +13,7 @@ import logging
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,15 @@ logger = logging.getLogger(__name__)
 
 FINAL_MODEL_DIR = "model"
 SUMMARY_FILE = "train_summary.json"
+
+
+def fast_bf16() -> bool:
+    """Whether this machine runs bf16 matrix products natively (a recent GPU, or a CPU with
+    AVX-512 BF16 / AMX), where bf16 mixed precision trains several times faster than fp32
+    at no measured cost in STS-B Spearman (``bench/README.md``)."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.backends.mkldnn.is_available() and torch.cpu._is_avx512_bf16_supported())
 
 
 def _opt(default: Any, help: str) -> Any:
@@ -61,7 +70,9 @@ class TrainOptions:
     weight_decay: float = _opt(0.0, "AdamW weight decay")
     gradient_accumulation_steps: int = _opt(1, "batches accumulated per optimizer step")
     seed: int = _opt(42, "random seed")
-    bf16: bool = _opt(False, "bf16 mixed precision (fast on CPUs with AVX-512 BF16 and on GPUs)")
+    bf16: bool | None = _opt(
+        None, "bf16 mixed precision; unset: on where the hardware runs bf16 fast, unless --fp16"
+    )
     fp16: bool = _opt(False, "fp16 mixed precision (GPU)")
     gradient_checkpointing: bool = _opt(False, "recompute activations to save memory")
     eval_steps: int = _opt(50, "evaluate on --dev-data and save a checkpoint every N steps")
@@ -266,6 +277,8 @@ def fit(
     if isinstance(train_data, str | Path):
         train_kwargs["train_data"] = str(train_data)
     opts = TrainOptions(**train_kwargs)
+    if opts.bf16 is None:  # record what "auto" chose, for the summary and the model card
+        opts = replace(opts, bf16=fast_bf16() and not opts.fp16)
     loss = AngleLoss(LossConfig(**loss_kwargs))
     if opts.push_to_hub:
         from anglekit.hub import check_can_push
