@@ -148,8 +148,9 @@ def anglekit_eval(model_dir: Path, json_path: Path, threads: int) -> tuple[float
 
 
 def bench_anglekit(config: TrainConfig) -> list[dict]:
-    """anglekit's CLI from the project venv, fp32 and ``--bf16``."""
-    variants = (("anglekit", []), ("anglekit --bf16", ["--bf16"]))
+    """anglekit's CLI from the project venv, with ``--no-bf16`` (fp32) and ``--bf16``."""
+    # anglekit turns bf16 on by default where the CPU runs it natively, so fp32 is explicit.
+    variants = (("anglekit fp32", ["--no-bf16"]), ("anglekit bf16", ["--bf16"]))
     exe = _common.PROJECT_VENV / "bin" / "anglekit"
     if not exe.is_file():
         message = f"{exe} not found: run `make` in {_common.REPO_ROOT} to build the project venv"
@@ -167,7 +168,7 @@ def bench_anglekit(config: TrainConfig) -> list[dict]:
             print(f"[bench] anglekit eval of the base model failed: {err}", file=sys.stderr)
             before = None
         for name, extra in variants:
-            output_dir = tmp / ("anglekit-bf16" if extra else "anglekit")
+            output_dir = tmp / name.replace(" ", "-")
             command = [
                 exe, "train",
                 "--model", _common.minilm_folder(),
@@ -213,6 +214,7 @@ def bench_anglekit(config: TrainConfig) -> list[dict]:
                     other_cores=run.other_cores,
                     eval_score_key=score_key,
                     best_step=summary.get("best_step"),
+                    bf16=summary.get("options", {}).get("bf16"),
                 )
             )
     return rows

@@ -124,7 +124,7 @@ def test_dataset_lengths():
 def test_collator_interleaves_texts_example_by_example():
     """Rows are [e0.t0, e0.t1, e1.t0, e1.t1, ...] so embeddings view as (N, K, D)."""
     ds = TokenizedDataset(scored(("aa", "b", 1.0), ("ccc", "dd", 2.0)), CountingTokenizer())
-    batch = AngleCollator(pad_id=0)([ds[0], ds[1]])
+    batch = AngleCollator(pad_id=0, pad_to_multiple_of=1)([ds[0], ds[1]])
     assert batch["input_ids"].tolist() == [
         ids("aa") + [0],
         ids("b") + [0, 0],
@@ -138,7 +138,7 @@ def test_collator_interleaves_texts_example_by_example():
 def test_collator_left_padding():
     """padding_side='left' pads each row at its start."""
     ds = TokenizedDataset(scored(("aa", "b", 1.0)), CountingTokenizer())
-    batch = AngleCollator(pad_id=-1, padding_side="left")([ds[0]])
+    batch = AngleCollator(pad_id=-1, padding_side="left", pad_to_multiple_of=1)([ds[0]])
     assert batch["input_ids"].tolist() == [ids("aa"), [-1, *ids("b")]]
     assert batch["attention_mask"].tolist() == [[1, 1], [0, 1]]
 
@@ -150,10 +150,10 @@ def test_collator_drops_example_with_earlier_text():
     )
     ds = TokenizedDataset(data, CountingTokenizer())
     items = [ds[i] for i in range(5)]
-    batch = AngleCollator(pad_id=0, drop_duplicates=True)(items)
+    batch = AngleCollator(pad_id=0, drop_duplicates=True, pad_to_multiple_of=1)(items)
     assert batch["labels"].tolist() == [1.0, 2.0, 5.0]
     assert batch["input_ids"][:, 0].tolist() == [ord(c) for c in "abcdgh"]
-    kept = AngleCollator(pad_id=0, drop_duplicates=False)(items)
+    kept = AngleCollator(pad_id=0, drop_duplicates=False, pad_to_multiple_of=1)(items)
     assert kept["labels"].tolist() == [1.0, 2.0, 3.0, 4.0, 5.0]
     assert kept["input_ids"].shape[0] == 10
 
@@ -161,10 +161,14 @@ def test_collator_drops_example_with_earlier_text():
 def test_collator_labels_only_for_scored_pairs():
     """Query/positive and triplet batches carry no labels; triplets give 3 rows per example."""
     qp = TrainData(DataFormat.QUERY_POSITIVE, [Example(("q1", "p1")), Example(("q2", "p2"))], "t")
-    batch = AngleCollator(pad_id=0)([item for item in TokenizedDataset(qp, CountingTokenizer())])
+    batch = AngleCollator(pad_id=0, pad_to_multiple_of=1)(
+        [item for item in TokenizedDataset(qp, CountingTokenizer())]
+    )
     assert "labels" not in batch and batch["input_ids"].shape == (4, 2)
     tr = TrainData(DataFormat.TRIPLETS, [Example(("q", "p", "n")), Example(("r", "s", "t"))], "t")
-    batch = AngleCollator(pad_id=0)([item for item in TokenizedDataset(tr, CountingTokenizer())])
+    batch = AngleCollator(pad_id=0, pad_to_multiple_of=1)(
+        [item for item in TokenizedDataset(tr, CountingTokenizer())]
+    )
     assert "labels" not in batch
     assert batch["input_ids"][:, 0].tolist() == [ord(c) for c in "qpnrst"]
 
@@ -213,3 +217,11 @@ def test_apply_prompt():
     texts = ["a", "b"]
     same = apply_prompt(None, texts)
     assert same == texts and same is not texts  # a copy: callers may mutate it
+
+
+def test_pad_to_multiple_rounds_length_up():
+    """Padding to a multiple of 8 rounds 5 tokens up to 8 and keeps the mask exact."""
+    batch = pad_batch([[1, 2, 3, 4, 5], [6]], pad_id=0, multiple=8)
+    assert batch["input_ids"].shape == (2, 8)
+    assert batch["attention_mask"].sum(1).tolist() == [5, 1]
+    assert pad_batch([[1] * 8], pad_id=0, multiple=8)["input_ids"].shape == (1, 8)

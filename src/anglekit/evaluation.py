@@ -10,7 +10,7 @@ holding some of the tasks or a single STS-format file.
 
 Folder layouts (a task whose files are absent is reported as missing, not as an error):
 
-(a) JSON Lines, one folder per task (like ``/work/shared/data``)::
+(a) JSON Lines, one folder per task::
 
         <dir>/sts12/test.jsonl   <dir>/sts13/test.jsonl   <dir>/sts14/test.jsonl
         <dir>/sts15/test.jsonl   <dir>/sts16/test.jsonl   <dir>/stsb/test.jsonl
