@@ -1,4 +1,4 @@
-"""Atomic writes of model folders: readers see the old folder or the new one, never half of one."""
+"""Atomic writes: readers see the old file or folder or the new one, never half of one."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO, Any
 
-__all__ = ["atomic_directory"]
+__all__ = ["atomic_directory", "atomic_file"]
 
 
 @contextmanager
@@ -39,4 +40,21 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
             shutil.rmtree(old)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextmanager
+def atomic_file(target: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
+    """Open a temporary file beside ``target`` that replaces it when the block succeeds."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(name, target)
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
         raise

@@ -16,6 +16,8 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
+from anglekit._files import atomic_file
+
 __all__ = ["main"]
 
 logger = logging.getLogger("anglekit")
@@ -215,8 +217,8 @@ def _eval(args: argparse.Namespace) -> int:
         cards.append(model.card_data)
     print(format_table(rows))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results_to_json(rows), indent=2) + "\n")
+        with atomic_file(args.json) as f:
+            f.write(json.dumps(results_to_json(rows), indent=2) + "\n")
     if args.update_card:
         measured_by = MEASURED_BY_EVAL + (f" --dtype {args.dtype}" if args.dtype else "")
         for (name, result), card in zip(rows, cards, strict=True):
@@ -257,11 +259,11 @@ def _encode(args: argparse.Namespace) -> int:
         embedding_size=args.embedding_size,
         show_progress=False if args.quiet else None,
     )
-    args.output.parent.mkdir(parents=True, exist_ok=True)
     if suffix == ".npy":
-        np.save(args.output, vecs)
+        with atomic_file(args.output, "wb") as f:
+            np.save(f, vecs)
     else:
-        with args.output.open("w", encoding="utf-8") as f:
+        with atomic_file(args.output) as f:
             for text, vec in zip(lines, vecs, strict=True):
                 f.write(json.dumps({"text": text, "embedding": vec.tolist()}) + "\n")
     logger.info("wrote %d embeddings of size %d to %s", len(lines), vecs.shape[1], args.output)

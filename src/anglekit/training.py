@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from anglekit._files import atomic_file
 from anglekit.batching import AngleCollator, TokenizedDataset
 from anglekit.card import MEASURED_BY_TRAIN, CardData, training_options
 from anglekit.data import TrainData, load_sts, load_train_data
@@ -398,7 +399,8 @@ def fit(
         "loss": asdict(loss.config),
         "data": {"source": data.source, "format": data.format.value, "examples": len(data)},
     }
-    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    with atomic_file(out / SUMMARY_FILE) as f:
+        f.write(json.dumps(summary, indent=2) + "\n")
     logger.info("saved the final model to %s", final)
     if opts.plots:
         from anglekit.plots import write_training_plots
