@@ -36,8 +36,8 @@ PROJECT_VENV = REPO_ROOT / ".venv"
 
 #: The only torch release installed on these machines (a local CPU wheel).
 TORCH_REQUIREMENT = "torch==2.13.0"
-#: Where STS-B lives: the shared data folder first, then the copy inside the package.
-STSB_DIRS = (Path("/work/shared/data/stsb"), REPO_ROOT / "src" / "anglekit" / "resources" / "stsb")
+#: Where STS-B lives: the copy bundled inside the package.
+STSB_DIRS = (REPO_ROOT / "src" / "anglekit" / "resources" / "stsb",)
 STSB_TEST_PAIRS = 1379
 #: Peer venvs and their ``pip install`` steps, in order (torch first).
 ANGLE_EMB_VENV = VENVS_DIR / "angle-emb"
@@ -411,12 +411,12 @@ def _busy_cpu_seconds() -> float | None:
 def run_process(
     command: Sequence[str | os.PathLike[str]],
     env: Mapping[str, str],
-    log_path: Path | None = None,
+    log_file: Path | None = None,
 ) -> ProcessRun:
     """Runs ``command``, echoing its output live, and measures its peak resident memory.
 
     Output goes to this process's stderr (both streams) and, when given, to
-    ``log_path``. Peak RSS is ``ru_maxrss`` of the child as reported by ``wait4``, so
+    ``log_file``. Peak RSS is ``ru_maxrss`` of the child as reported by ``wait4``, so
     it covers that process alone (and any children it waited for). ``other_cores`` is
     the machine's busy CPU time during the run minus the child's own, per second of
     wall time: how many cores something else was using meanwhile.
@@ -424,12 +424,12 @@ def run_process(
     Args:
         command: The program and its arguments.
         env: Its full environment.
-        log_path: A file that receives a copy of both streams.
+        log_file: A file that receives a copy of both streams.
     """
     argv = [str(part) for part in command]
     print(f"[bench] $ {' '.join(argv)}", file=sys.stderr, flush=True)
     busy_start = _busy_cpu_seconds()
-    log = log_path.open("w", encoding="utf-8") if log_path else None
+    log = log_file.open("w", encoding="utf-8") if log_file else None
     sink: IO[str] = _Tee(sys.stderr, log) if log else sys.stderr  # type: ignore[assignment]
     start = time.perf_counter()
     proc = subprocess.Popen(argv, env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -561,8 +561,15 @@ def selection(value: str, choices: Sequence[str]) -> list[str]:
 
 
 def base_parser(description: str, systems: Sequence[str]) -> argparse.ArgumentParser:
-    """An argument parser with the options every driver shares (``--only``, ``--threads``)."""
-    parser = argparse.ArgumentParser(description=description)
+    """An argument parser with the options every driver shares (``--only``, ``--threads``).
+
+    Args:
+        description: Shown verbatim by ``--help`` (the driver's module docstring).
+        systems: The systems ``--only`` accepts, in the order they run.
+    """
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument(
         "--only",
         type=lambda value: selection(value, systems),
@@ -631,6 +638,22 @@ def machine() -> dict[str, Any]:
     }
 
 
+def repo_state() -> dict[str, Any]:
+    """The anglekit checkout's commit and whether it has uncommitted changes (read-only git)."""
+
+    def git(*args: str) -> str:
+        done = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True, check=False
+        )
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    commit = git("rev-parse", "--short", "HEAD")
+    return {
+        "commit": commit or None,
+        "dirty": bool(git("status", "--porcelain")) if commit else None,
+    }
+
+
 @dataclass
 class Report:
     """The JSON document a driver writes to ``bench/results/``."""
@@ -649,6 +672,7 @@ class Report:
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "command": self.command,
             "machine": machine(),
+            "anglekit_repo": repo_state(),
             "config": self.config,
             "results": self.results,
         }

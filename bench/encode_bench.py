@@ -112,7 +112,7 @@ def print_report(rows: Sequence[dict[str, Any]]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the selected systems and writes ``bench/results/encode_bench.json``."""
-    parser = _common.base_parser(__doc__.splitlines()[0], SYSTEMS)
+    parser = _common.base_parser(__doc__, SYSTEMS)
     args = parser.parse_args(argv)
     config = EncodeConfig(threads=args.threads)
     runners = {"st": lambda: bench_st(config), "anglekit": lambda: bench_anglekit(config)}

@@ -1,5 +1,7 @@
-"""Training benchmark: fine-tune all-MiniLM-L6-v2 on STS-B with angle-emb, sentence-transformers
-and anglekit on this machine, one after another, and compare quality, speed and memory.
+"""Training benchmark: angle-emb, sentence-transformers and anglekit fine-tune on STS-B.
+
+The three fine-tune all-MiniLM-L6-v2 on this machine, one after another, and are compared
+on quality, speed and memory.
 
 Every system gets the same run: STS-B train, ``--steps`` optimiser steps of 32 pairs,
 max length 64, learning rate 2e-5 with linear decay and no warmup, mean pooling, seed 42,
@@ -256,7 +258,7 @@ def print_report(rows: Sequence[dict]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the selected systems and writes ``bench/results/train_bench.json``."""
-    parser = _common.base_parser(__doc__.splitlines()[0], SYSTEMS)
+    parser = _common.base_parser(__doc__, SYSTEMS)
     parser.add_argument("--steps", type=int, default=200, help="optimiser steps (default: 200)")
     args = parser.parse_args(argv)
     config = TrainConfig(steps=args.steps, threads=args.threads)
