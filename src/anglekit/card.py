@@ -17,12 +17,13 @@ import hashlib
 import json
 import logging
 import math
-import os
 import re
-import tempfile
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from anglekit._files import atomic_file
+from anglekit.config import from_saved_dict
 
 if TYPE_CHECKING:
     from anglekit.config import AngleConfig
@@ -193,10 +194,7 @@ class CardData:
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "card data") -> CardData:
         """Build from saved values; unknown keys raise."""
-        unknown = sorted(set(values) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"{source}: unknown card data key(s) {unknown}")
-        return cls(**values)
+        return from_saved_dict(cls, values, source, "card data")
 
     @classmethod
     def load(cls, directory: str | Path) -> CardData | None:
@@ -514,14 +512,8 @@ def render_card(card: CardData, config: AngleConfig, model_id: str) -> str:
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as f:
+        f.write(text)
 
 
 def _sha256(text: str) -> str:

@@ -11,14 +11,23 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from anglekit.pooling import Pooling, parse_pooling
 from anglekit.prompts import resolve_prompt
 
-__all__ = ["CONFIG_NAME", "AngleConfig", "BackboneKind"]
+__all__ = ["CONFIG_NAME", "AngleConfig", "BackboneKind", "from_saved_dict"]
 
 CONFIG_NAME = "anglekit_config.json"
+T = TypeVar("T")
+
+
+def from_saved_dict(cls: type[T], values: dict[str, Any], source: str, what: str) -> T:
+    """Build dataclass ``cls`` from saved JSON values, refusing keys it does not know."""
+    unknown = sorted(set(values) - {f.name for f in fields(cls)})
+    if unknown:
+        raise ValueError(f"{source}: unknown {what} key(s) {unknown}")
+    return cls(**values)
 
 
 class BackboneKind(str, Enum):
@@ -77,10 +86,7 @@ class AngleConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> AngleConfig:
         """Build from saved values; unknown keys raise."""
-        unknown = sorted(set(values) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"{source}: unknown anglekit config key(s) {unknown}")
-        return cls(**values)
+        return from_saved_dict(cls, values, source, "anglekit config")
 
     def save(self, directory: str | Path) -> None:
         """Write ``anglekit_config.json`` into ``directory``."""
