@@ -126,3 +126,11 @@ def test_bad_training_data_fails_before_training(tiny_bert, tmp_path):
     with pytest.raises(DataError, match=r"bad.jsonl:2"):
         fit(str(tiny_bert), str(bad), dev_data=None, output_dir=str(tmp_path / "out"), **FAST)
     assert not (tmp_path / "out").exists()
+
+
+def test_loaded_model_refuses_loading_options(tiny_bert, sts_files, tmp_path):
+    """Options that only apply to loading are refused with an AnglE object, not ignored."""
+    model = AnglE.from_pretrained(str(tiny_bert), device="cpu")
+    train, _ = sts_files
+    with pytest.raises(ValueError, match="pooling"):
+        fit(model, str(train), pooling="mean", output_dir=str(tmp_path / "x"), **FAST)

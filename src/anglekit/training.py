@@ -293,7 +293,14 @@ def fit(
         else load_train_data(opts.train_data, column_map=opts.column_map)
     )
     dev = load_sts(opts.dev_data) if opts.dev_data else None
-    if not isinstance(model, AnglE):
+    if isinstance(model, AnglE):
+        ignored = [n for n in ("pooling", "max_length", "prompt") if getattr(opts, n) is not None]
+        if ignored:
+            raise ValueError(
+                f"{', '.join(ignored)} only apply when fit loads the model; the AnglE object "
+                "given carries its own (set them with AnglE.from_pretrained)"
+            )
+    else:
         model = AnglE.from_pretrained(
             opts.model,
             pooling=opts.pooling,
