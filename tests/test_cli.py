@@ -97,38 +97,16 @@ def test_train_eval_encode_round_trip(tiny_bert, tmp_path, sts_rows, capsys):
 
     texts = tmp_path / "texts.txt"
     texts.write_text("\n".join(WORDS[:5]) + "\n")
-    assert (
-        main(
-            [
-                "-q",
-                "encode",
-                str(model_dir),
-                "--input",
-                str(texts),
-                "--output",
-                str(tmp_path / "v.npy"),
-                "--normalize",
-            ]
-        )
-        == 0
-    )
+
+    def encode(output: str, *extra: str) -> int:
+        argv = ["-q", "encode", str(model_dir), "--input", str(texts), "--output", output]
+        return main([*argv, *extra])
+
+    assert encode(str(tmp_path / "v.npy"), "--normalize") == 0
     vecs = np.load(tmp_path / "v.npy")
     assert vecs.shape == (5, 32)
     np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
-    assert (
-        main(
-            [
-                "-q",
-                "encode",
-                str(model_dir),
-                "--input",
-                str(texts),
-                "--output",
-                str(tmp_path / "v.jsonl"),
-            ]
-        )
-        == 0
-    )
+    assert encode(str(tmp_path / "v.jsonl")) == 0
     lines = (tmp_path / "v.jsonl").read_text().splitlines()
     assert json.loads(lines[0])["text"] == WORDS[0] and len(lines) == 5
 
