@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from anglekit._files import atomic_file
-from anglekit.config import from_saved_dict
+from anglekit.config import from_saved_dict, load_saved
 
 if TYPE_CHECKING:
     from anglekit.config import AngleConfig
@@ -199,10 +199,7 @@ class CardData:
     @classmethod
     def load(cls, directory: str | Path) -> CardData | None:
         """Read ``anglekit_card.json`` from ``directory``, or ``None`` if there is none."""
-        path = Path(directory) / CARD_DATA_NAME
-        if not path.is_file():
-            return None
-        return cls.from_dict(json.loads(path.read_text(encoding="utf-8")), source=str(path))
+        return load_saved(cls, Path(directory) / CARD_DATA_NAME)
 
 
 def training_options(options: dict[str, Any], *, evaluating: bool) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from anglekit.pooling import Pooling, parse_pooling
 from anglekit.prompts import resolve_prompt
 
-__all__ = ["CONFIG_NAME", "AngleConfig", "BackboneKind", "from_saved_dict"]
+__all__ = ["CONFIG_NAME", "AngleConfig", "BackboneKind", "from_saved_dict", "load_saved"]
 
 CONFIG_NAME = "anglekit_config.json"
 T = TypeVar("T")
@@ -28,6 +28,13 @@ def from_saved_dict(cls: type[T], values: dict[str, Any], source: str, what: str
     if unknown:
         raise ValueError(f"{source}: unknown {what} key(s) {unknown}")
     return cls(**values)
+
+
+def load_saved(cls: type[T], path: Path) -> T | None:
+    """Read a JSON file saved by ``cls`` (which has ``from_dict``), or ``None`` if absent."""
+    if not path.is_file():
+        return None
+    return cls.from_dict(json.loads(path.read_text(encoding="utf-8")), source=str(path))
 
 
 class BackboneKind(str, Enum):
@@ -96,7 +103,4 @@ class AngleConfig:
     @classmethod
     def load(cls, directory: str | Path) -> AngleConfig | None:
         """Read ``anglekit_config.json`` from ``directory``, or ``None`` if there is none."""
-        path = Path(directory) / CONFIG_NAME
-        if not path.is_file():
-            return None
-        return cls.from_dict(json.loads(path.read_text()), source=str(path))
+        return load_saved(cls, Path(directory) / CONFIG_NAME)

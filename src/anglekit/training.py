@@ -160,6 +160,7 @@ def _make_trainer_classes():
             self.texts_per_example = texts_per_example
             self.lengths = lengths
             self.eval_seconds = 0.0
+            self.dev_scores: dict[int, Any] = {}  # step -> Correlation of that evaluation
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             labels = inputs.pop("labels", None)
@@ -184,6 +185,7 @@ def _make_trainer_classes():
             start = time.perf_counter()
             model: AnglE = self.accelerator.unwrap_model(self.model)
             corr = evaluate_pairs(_dev_encoder(model), eval_dataset or self.eval_dataset)
+            self.dev_scores[self.state.global_step] = corr
             metrics = {
                 f"{metric_key_prefix}_spearman": corr.spearman,
                 f"{metric_key_prefix}_pearson": corr.pearson,
@@ -380,12 +382,15 @@ def fit(
         best_step=trainer.state.best_global_step if evaluating else None,
         best_dev_spearman=trainer.state.best_metric if evaluating else None,
     )
-    if dev is not None:  # the final model, scored as `anglekit eval` scores it
-        from anglekit.evaluation import run_suite
+    if dev is not None:  # the final model's dev score, as `anglekit eval` computes it
+        from anglekit.evaluation import SuiteResult, evaluate_pairs
 
+        corr = trainer.dev_scores.get(trainer.state.best_global_step)
+        if corr is None:  # the best checkpoint was scored by an earlier, resumed-from run
+            corr = evaluate_pairs(_dev_encoder(model), dev)
         dev_name = Path(opts.dev_data).stem if Path(opts.dev_data).is_file() else opts.dev_data
-        final_dev = run_suite(_dev_encoder(model), {dev_name: dev}, show_progress=False)
-        logger.info("final model: dev spearman %.2f", final_dev.scores[dev_name].spearman)
+        final_dev = SuiteResult(scores={dev_name: corr})
+        logger.info("final model: dev spearman %.2f", corr.spearman)
         model.card_data.record_eval(final_dev, opts.dev_data, MEASURED_BY_TRAIN)
     model.save_pretrained(final)
     seconds = output.metrics["train_runtime"] - trainer.eval_seconds
