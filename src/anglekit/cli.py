@@ -39,6 +39,11 @@ ENCODE_EXAMPLES = """examples:
   anglekit encode runs/anglekit/model --input texts.txt --output vecs.npy
   cat texts.txt | anglekit encode runs/anglekit/model --output vecs.jsonl --normalize
 """
+SERVE_EXAMPLES = """examples:
+  anglekit serve runs/anglekit/model                  # http://127.0.0.1:8000/v1/embeddings
+  ANGLEKIT_API_KEY=secret anglekit serve runs/anglekit/model --host 0.0.0.0 --port 8080
+  anglekit serve all-MiniLM-L6-v2 --max-wait-ms 2 --max-batch-size 128 --dtype bfloat16
+"""
 PUSH_EXAMPLES = """examples:
   hf auth login                                    # once, or set HF_TOKEN
   anglekit push runs/anglekit/model my-user/minilm-angle-stsb
@@ -149,6 +154,18 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None)
     enc.add_argument("--embedding-size", type=int, default=None)
     enc.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+
+    from anglekit.server import ServeOptions
+
+    srv = sub.add_parser(
+        "serve",
+        help='OpenAI-compatible embedding server (pip install "anglekit[serve]")',
+        epilog=SERVE_EXAMPLES,
+        formatter_class=fmt,
+    )
+    srv.add_argument("model", help="model folder or hub id, loaded once at start")
+    srv.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    add_options(srv, ServeOptions, "server")
 
     push = sub.add_parser(
         "push",
@@ -270,6 +287,14 @@ def _encode(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from anglekit.server import ServeOptions, serve
+
+    options = ServeOptions(**{f.name: getattr(args, f.name) for f in fields(ServeOptions)})
+    serve(args.model, options, dtype=args.dtype)
+    return 0
+
+
 def _push(args: argparse.Namespace) -> int:
     from anglekit.hub import push_to_hub
 
@@ -294,7 +319,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     hf_logging.disable_progress_bar()
     if args.quiet and hasattr(args, "progress"):
         args.progress = False
-    command = {"train": _train, "eval": _eval, "encode": _encode, "push": _push}[args.command]
+    command = {
+        "train": _train,
+        "eval": _eval,
+        "encode": _encode,
+        "serve": _serve,
+        "push": _push,
+    }[args.command]
     try:
         return command(args)
     except (ValueError, TypeError, OSError, RuntimeError, ImportError) as e:
