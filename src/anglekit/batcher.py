@@ -1,12 +1,11 @@
 """Dynamic micro-batching: concurrent requests share forward passes.
 
 Requests arrive on the event loop as lists of texts. The :class:`MicroBatcher` queues them
-(up to ``max_queue`` texts waiting), and a collector task takes the oldest ones, waiting at
-most ``max_wait_ms`` for more once the first arrives, until ``max_batch_size`` texts are
-together. The merged texts go through one ``encode`` call on a single worker thread, so the
-event loop keeps answering while the model runs, and each request gets its own rows back.
-While the worker is busy, new requests pile up and form the next batch, so under load
-batches fill without any waiting.
+(up to ``max_queue`` texts waiting), and a collector task takes the oldest ones once
+``max_batch_size`` texts are together or the oldest has waited ``max_wait_ms``. The merged
+texts go through one ``encode`` call on a single worker thread, so the event loop keeps
+answering while the model runs, and each request gets its own rows back. Requests that
+queue while the model is busy form the next batch and go as soon as it is free.
 """
 
 from __future__ import annotations
@@ -46,6 +45,7 @@ class QueueFullError(RuntimeError):
 class _Job:
     texts: list[str]
     future: asyncio.Future[EncodeResult] = field(repr=False)
+    arrived: float  # event-loop time
 
 
 class MicroBatcher:
@@ -86,6 +86,7 @@ class MicroBatcher:
         self.merge = merge
         self.on_batch = on_batch
         self._jobs: deque[_Job] = deque()
+        self._running_jobs: list[_Job] = []
         self._queued_texts = 0
         self._arrived: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
@@ -110,19 +111,21 @@ class MicroBatcher:
         self._task = asyncio.get_running_loop().create_task(self._collect())
 
     async def stop(self) -> None:
-        """Stop collecting; requests still queued fail with :class:`RuntimeError`."""
+        """Stop collecting; requests still queued or running fail with :class:`RuntimeError`."""
+        running = self._running_jobs  # the collector clears it when cancelled
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        while self._jobs:
-            job = self._jobs.popleft()
+        for job in [*running, *self._jobs]:
             if not job.future.done():
                 job.future.set_exception(RuntimeError("the server is shutting down"))
+        self._jobs.clear()
+        self._running_jobs = []
         self._queued_texts = 0
         if self._executor is not None:
-            self._executor.shutdown(wait=True)
+            await asyncio.to_thread(self._executor.shutdown, wait=True)  # the pass running
             self._executor = None
 
     async def submit(self, texts: Sequence[str]) -> EncodeResult:
@@ -141,7 +144,8 @@ class MicroBatcher:
                 f"{self._queued_texts} texts are queued; {len(texts)} more would exceed "
                 f"the limit of {self.max_queue}"
             )
-        job = _Job(list(texts), asyncio.get_running_loop().create_future())
+        loop = asyncio.get_running_loop()
+        job = _Job(list(texts), loop.create_future(), loop.time())
         self._jobs.append(job)
         self._queued_texts += len(job.texts)
         self._arrived.set()
@@ -155,8 +159,8 @@ class MicroBatcher:
                 self._arrived.clear()
                 await self._arrived.wait()
                 continue
-            if self.merge:
-                deadline = loop.time() + self.max_wait
+            if self.merge:  # requests that queued while the model was busy go at once
+                deadline = self._jobs[0].arrived + self.max_wait
                 while self._queued_texts < self.max_batch_size:
                     remaining = deadline - loop.time()
                     if remaining <= 0:
@@ -172,6 +176,7 @@ class MicroBatcher:
             texts = [text for job in jobs for text in job.texts]
             if self.on_batch is not None:
                 self.on_batch(len(texts), len(jobs))
+            self._running_jobs = jobs
             try:
                 result = await loop.run_in_executor(self._executor, self.encode, texts)
             except Exception as e:  # the requests fail, the server keeps serving
@@ -180,6 +185,8 @@ class MicroBatcher:
                     if not job.future.done():
                         job.future.set_exception(e)
                 continue
+            finally:
+                self._running_jobs = []
             start = 0
             for job in jobs:
                 end = start + len(job.texts)
