@@ -35,6 +35,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/train_bench.py
 	$(BIN)/python bench/encode_bench.py
+	$(BIN)/python bench/server_bench.py
 
 clean:
 	rm -rf $(VENV) runs build dist src/*.egg-info

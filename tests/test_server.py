@@ -311,6 +311,19 @@ def test_options_report_every_problem():
         ServeOptions(max_items=16, max_queue=8)
 
 
+def test_serve_command_refuses_bad_settings_before_loading(tmp_path, monkeypatch, capsys):
+    """`anglekit serve` reports invalid limits and an empty key variable, exit status 1."""
+    from anglekit.cli import main
+
+    missing = str(tmp_path / "no-model")  # never loaded: the settings fail first
+    assert main(["serve", missing, "--max-items", "0", "--max-wait-ms", "-1"]) == 1
+    err = capsys.readouterr().err
+    assert "max_items must be a positive integer" in err and "max_wait_ms" in err
+    monkeypatch.setenv("ANGLEKIT_API_KEY", "")
+    assert main(["serve", missing]) == 1
+    assert "$ANGLEKIT_API_KEY is set but empty" in capsys.readouterr().err
+
+
 def test_missing_extra_names_pip_command(monkeypatch):
     """Without FastAPI the server says which pip command installs it."""
     import importlib.util

@@ -12,7 +12,7 @@ import importlib.util
 import ipaddress
 import logging
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -134,11 +134,11 @@ def serve(model: str, options: ServeOptions | None = None, *, dtype: str | None 
 
     options = options or ServeOptions()
     if options.api_key is None and API_KEY_ENV in os.environ:
-        options.api_key = os.environ[API_KEY_ENV]
-        if not options.api_key:
+        if not os.environ[API_KEY_ENV]:
             raise ValueError(f"${API_KEY_ENV} is set but empty; give a key or unset it")
+        options = replace(options, api_key=os.environ[API_KEY_ENV])
     if options.model_name is None:
-        options.model_name = Path(model).name if Path(model).is_dir() else model
+        options = replace(options, model_name=Path(model).name if Path(model).is_dir() else model)
     if not _is_loopback(options.host) and options.api_key is None:
         logger.warning(
             "listening on %s without an API key: anyone who can reach this port can use the "
