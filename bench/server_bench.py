@@ -19,7 +19,7 @@ The load generator runs in this process, beside the server: on a small machine i
 CPU from the server, so compare systems within one run only.
 
 Example:
-    .venv/bin/python bench/server_bench.py                       # ~4 min
+    .venv/bin/python bench/server_bench.py                       # ~5 min
     .venv/bin/python bench/server_bench.py --only batched --concurrency 64
     .venv/bin/python bench/server_bench.py --concurrency 1,4 --seconds 3 --max-requests 20
 """
