@@ -51,7 +51,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
     ) from e
 
 from anglekit import __version__
-from anglekit.batcher import EncodeResult, MicroBatcher, QueueFullError
+from anglekit.server.batcher import EncodeResult, MicroBatcher, QueueFullError
 from anglekit.model import AnglE
 from anglekit.prompts import apply_prompt
 from anglekit.server import ServeOptions

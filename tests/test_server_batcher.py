@@ -8,7 +8,7 @@ import threading
 import numpy as np
 import pytest
 
-from anglekit.batcher import EncodeResult, MicroBatcher, QueueFullError
+from anglekit.server.batcher import EncodeResult, MicroBatcher, QueueFullError
 
 
 class FakeModel:
