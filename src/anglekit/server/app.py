@@ -51,10 +51,10 @@ except ImportError as e:  # pragma: no cover - depends on the environment
     ) from e
 
 from anglekit import __version__
-from anglekit.server.batcher import EncodeResult, MicroBatcher, QueueFullError
 from anglekit.model import AnglE
 from anglekit.prompts import apply_prompt
 from anglekit.server import ServeOptions
+from anglekit.server.batcher import EncodeResult, MicroBatcher, QueueFullError
 
 __all__ = ["build_app"]
 
