@@ -23,6 +23,8 @@ from anglekit._files import atomic_file
 from anglekit.batching import AngleCollator, TokenizedDataset
 from anglekit.card import MEASURED_BY_TRAIN, CardData, training_options
 from anglekit.data import TrainData, load_sts, load_train_data
+from anglekit.distributed import gather_batch
+from anglekit.gradcache import gradcache_backward
 from anglekit.losses import AngleLoss, LossConfig
 from anglekit.model import DEFAULT_MODEL, AnglE
 
@@ -87,6 +89,17 @@ class TrainOptions:
     progress: bool = _opt(True, "show a progress bar on a terminal")
     plots: bool = _opt(True, "loss and dev Spearman curves in <output-dir>/plots (matplotlib)")
     push_to_hub: str | None = _opt(None, "upload the final model to this hub repo (user/name)")
+    gather_across_devices: bool = _opt(
+        False, "in-batch negatives from every device's batch (all-gather, multi-device runs)"
+    )
+    gradcache_chunk_size: int | None = _opt(
+        None, "GradCache: embed the batch this many examples at a time (memory of one chunk)"
+    )
+    streaming: bool = _opt(
+        False, "stream a .jsonl/.csv/.tsv file instead of loading it (needs --max-steps)"
+    )
+    shuffle_buffer: int = _opt(10_000, "examples in the streaming shuffle buffer")
+    dataloader_workers: int = _opt(0, "data loading worker processes")
 
     def __post_init__(self) -> None:
         problems = []
@@ -97,6 +110,7 @@ class TrainOptions:
             "save_steps",
             "logging_steps",
             "save_total_limit",
+            "shuffle_buffer",
         ):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -106,6 +120,12 @@ class TrainOptions:
             problems.append(f"max_steps must be -1 or >= 1, got {self.max_steps}")
         if self.max_steps == -1 and not self.epochs > 0:
             problems.append(f"epochs must be > 0, got {self.epochs}")
+        if self.gradcache_chunk_size is not None and self.gradcache_chunk_size < 1:
+            problems.append(f"gradcache_chunk_size must be >= 1, got {self.gradcache_chunk_size}")
+        if self.dataloader_workers < 0:
+            problems.append(f"dataloader_workers must be >= 0, got {self.dataloader_workers}")
+        if self.streaming and self.max_steps == -1:
+            problems.append("streaming data has no length: set max_steps")
         if self.bf16 and self.fp16:
             problems.append("choose bf16 or fp16, not both")
         if problems:
@@ -153,21 +173,49 @@ def _make_trainer_classes():
             angle_loss: AngleLoss,
             texts_per_example: int,
             lengths: list[int] | None,
+            gather_across_devices: bool = False,
+            gradcache_chunk_size: int | None = None,
             **kwargs: Any,
         ) -> None:
             super().__init__(*args, **kwargs)
             self.angle_loss = angle_loss
             self.texts_per_example = texts_per_example
             self.lengths = lengths
+            self.gather_across_devices = gather_across_devices
+            self.gradcache_chunk_size = gradcache_chunk_size
+            self._defer_rotation = False
             self.eval_seconds = 0.0
             self.dev_scores: dict[int, Any] = {}  # step -> Correlation of that evaluation
+
+        def objective(self, rows: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+            """The AnglE loss of ``(N*K, D)`` embeddings, over all devices' batches if asked."""
+            emb = rows.view(-1, self.texts_per_example, rows.shape[-1])  # (N, K, D)
+            if self.gather_across_devices:
+                emb, labels = gather_batch(emb, labels)  # (sum_r N_r, K, D)
+            return self.angle_loss(emb, labels)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             labels = inputs.pop("labels", None)
             emb = model(**inputs)  # (N*K, D)
-            emb = emb.view(-1, self.texts_per_example, emb.shape[-1])  # (N, K, D)
-            loss = self.angle_loss(emb, labels)
+            loss = self.objective(emb, labels)
             return (loss, emb) if return_outputs else loss
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            if self.gradcache_chunk_size is None:
+                return super().training_step(model, inputs, num_items_in_batch)
+            model.train()
+            inputs = self._prepare_inputs(inputs)
+            labels = inputs.pop("labels", None)
+            steps = self.current_gradient_accumulation_steps
+            with self.compute_loss_context_manager():
+                return gradcache_backward(
+                    model,
+                    inputs,
+                    self.gradcache_chunk_size * self.texts_per_example,
+                    lambda rows: self.objective(rows, labels) / steps,
+                    backward=self.accelerator.backward,
+                    no_sync=lambda: self.accelerator.no_sync(model),
+                )
 
         def _get_train_sampler(self, train_dataset=None):
             if self.lengths is None:
@@ -357,9 +405,16 @@ def fit(
         ),
         angle_loss=loss,
         texts_per_example=len(data.format.text_fields),
+        gather_across_devices=opts.gather_across_devices,
+        gradcache_chunk_size=opts.gradcache_chunk_size,
         eval_dataset=dev,
         lengths=dataset.lengths() if opts.group_by_length else None,
     )
+    if opts.gradcache_chunk_size is not None and trainer.is_deepspeed_enabled:
+        raise ValueError(
+            "gradcache_chunk_size runs several backward passes per step, which DeepSpeed does "
+            "not allow; use DDP or FSDP with GradCache"
+        )
     trainer.remove_callback(PrinterCallback)  # the library logs; it does not print
     if not show_progress:
         trainer.remove_callback(ProgressCallback)
