@@ -22,6 +22,7 @@ import torch
 from anglekit._files import atomic_file
 from anglekit.batching import AngleCollator, TokenizedDataset
 from anglekit.card import MEASURED_BY_TRAIN, CardData, training_options
+from anglekit.checkpoints import last_complete_checkpoint, mark_complete
 from anglekit.data import TrainData, load_sts, load_train_data
 from anglekit.distributed import gather_batch
 from anglekit.gradcache import gradcache_backward
@@ -163,6 +164,7 @@ def _make_trainer_classes():
     """Build the Trainer subclass and callback lazily, so the import stays light."""
     from transformers import Trainer, TrainerCallback
     from transformers.trainer_pt_utils import LengthGroupedSampler
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
     class AngleTrainer(Trainer):
         """A Trainer whose loss is the AnglE objective and whose metric is dev Spearman."""
@@ -253,6 +255,26 @@ def _make_trainer_classes():
                     model.card_data.training["steps"] = self.state.global_step
                 model.save_pretrained(output_dir)
 
+        def _save_checkpoint(self, model, trial):
+            # Rotation deletes old checkpoints: defer it until this one is marked complete.
+            limit = self.args.save_total_limit
+            self.args.save_total_limit = None
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self.args.save_total_limit = limit
+            self.accelerator.wait_for_everyone()  # sharded states are written by every rank
+            if self.args.should_save:
+                run_dir = self._get_output_dir(trial=trial)
+                step = self.state.global_step
+                mark_complete(Path(run_dir) / f"{PREFIX_CHECKPOINT_DIR}-{step}", step)
+                rotate_checkpoints(
+                    output_dir=run_dir,
+                    save_total_limit=limit,
+                    best_model_checkpoint=self.state.best_model_checkpoint,
+                    use_mtime=True,
+                )
+
         def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
             _load_backbone_weights(model or self.model, resume_from_checkpoint)
 
@@ -320,7 +342,6 @@ def fit(
     """
     from transformers import TrainingArguments
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
-    from transformers.trainer_utils import get_last_checkpoint
 
     train_kwargs, loss_kwargs = split_options(options)
     if isinstance(model, str):
@@ -419,7 +440,10 @@ def fit(
     if not show_progress:
         trainer.remove_callback(ProgressCallback)
     trainer.add_callback(log_callback())
-    resume = get_last_checkpoint(str(out)) if opts.resume else None
+    resume = None
+    if opts.resume:
+        resume = last_complete_checkpoint(out, remove_incomplete=args.should_save)
+        trainer.accelerator.wait_for_everyone()
     if opts.resume and resume is None:
         logger.warning("--resume: no checkpoint in %s, starting from scratch", out)
     if opts.gradient_checkpointing:
