@@ -23,11 +23,12 @@ from anglekit._files import atomic_file
 from anglekit.batching import AngleCollator, TokenizedDataset
 from anglekit.card import MEASURED_BY_TRAIN, CardData, training_options
 from anglekit.checkpoints import last_complete_checkpoint, mark_complete
-from anglekit.data import TrainData, load_sts, load_train_data
+from anglekit.data import DataFormat, TrainData, load_sts, load_train_data
 from anglekit.distributed import gather_batch
 from anglekit.gradcache import gradcache_backward
 from anglekit.losses import AngleLoss, LossConfig
 from anglekit.model import DEFAULT_MODEL, AnglE
+from anglekit.streaming import StreamingDataset
 
 __all__ = ["TrainOptions", "TrainResult", "fit"]
 
@@ -219,6 +220,21 @@ def _make_trainer_classes():
                     no_sync=lambda: self.accelerator.no_sync(model),
                 )
 
+        def get_train_dataloader(self):
+            if not isinstance(self.train_dataset, StreamingDataset):
+                return super().get_train_dataloader()
+            # The stream shards itself per device and worker: not wrapped by accelerate,
+            # which would have every device read (or one device dispatch) the whole stream.
+            from torch.utils.data import DataLoader
+
+            return DataLoader(
+                self.train_dataset,
+                batch_size=self._train_batch_size,
+                collate_fn=self.data_collator,
+                num_workers=self.args.dataloader_num_workers,
+                pin_memory=self.args.dataloader_pin_memory,
+            )
+
         def _get_train_sampler(self, train_dataset=None):
             if self.lengths is None:
                 return super()._get_train_sampler(train_dataset)
@@ -358,11 +374,14 @@ def fit(
         check_can_push(opts.push_to_hub)  # fail now, not after training
     torch.manual_seed(opts.seed)
 
-    data = (
-        train_data
-        if isinstance(train_data, TrainData)
-        else load_train_data(opts.train_data, column_map=opts.column_map)
-    )
+    if opts.streaming and isinstance(train_data, TrainData):
+        raise ValueError("streaming reads a file: give train_data as a path, not TrainData")
+    if opts.streaming:
+        data = None
+    elif isinstance(train_data, TrainData):
+        data = train_data
+    else:
+        data = load_train_data(opts.train_data, column_map=opts.column_map)
     dev = load_sts(opts.dev_data) if opts.dev_data else None
     if isinstance(model, AnglE):
         ignored = [n for n in ("pooling", "max_length", "prompt") if getattr(opts, n) is not None]
@@ -378,9 +397,21 @@ def fit(
             max_length=opts.max_length,
             prompt=opts.prompt,
         )
-    _warn_on_label_scale(data, loss.config)
-    dataset = TokenizedDataset(data, model.tokenize, seed=opts.seed)
-    logger.info("training on %d %s examples from %s", len(data), data.format.value, data.source)
+    if data is None:
+        dataset = StreamingDataset(
+            opts.train_data,
+            model.tokenize,
+            column_map=opts.column_map,
+            seed=opts.seed,
+            shuffle_buffer=opts.shuffle_buffer,
+        )
+        data_fmt, data_source, n_examples = dataset.format, dataset.source, None
+        logger.info("streaming %s examples from %s", data_fmt.value, data_source)
+    else:
+        _warn_on_label_scale(data, loss.config)
+        dataset = TokenizedDataset(data, model.tokenize, seed=opts.seed)
+        data_fmt, data_source, n_examples = data.format, data.source, len(data)
+        logger.info("training on %d %s examples from %s", len(data), data_fmt.value, data_source)
 
     out = Path(opts.output_dir)
     evaluating = dev is not None
@@ -411,6 +442,7 @@ def fit(
         report_to=[] if opts.report_to == "none" else [opts.report_to],
         remove_unused_columns=False,
         dataloader_pin_memory=torch.cuda.is_available(),
+        dataloader_num_workers=opts.dataloader_workers,
         disable_tqdm=not show_progress,
         use_cpu=not torch.cuda.is_available(),
     )
@@ -425,11 +457,11 @@ def fit(
             drop_duplicates=opts.drop_duplicates,
         ),
         angle_loss=loss,
-        texts_per_example=len(data.format.text_fields),
+        texts_per_example=len(data_fmt.text_fields),
         gather_across_devices=opts.gather_across_devices,
         gradcache_chunk_size=opts.gradcache_chunk_size,
         eval_dataset=dev,
-        lengths=dataset.lengths() if opts.group_by_length else None,
+        lengths=dataset.lengths() if opts.group_by_length and data is not None else None,
     )
     if opts.gradcache_chunk_size is not None and trainer.is_deepspeed_enabled:
         raise ValueError(
@@ -448,8 +480,9 @@ def fit(
         logger.warning("--resume: no checkpoint in %s, starting from scratch", out)
     if opts.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    source = data.source if isinstance(train_data, TrainData) else opts.train_data
-    model.card_data = _card_for_run(model, opts, loss, data, source, dev, args)
+    source = data_source if isinstance(train_data, TrainData) else opts.train_data
+    data_info = {"source": source, "format": data_fmt.value, "examples": n_examples}
+    model.card_data = _card_for_run(model, opts, loss, data_fmt, data_info, dev, args)
     model.train()
     output = trainer.train(resume_from_checkpoint=resume)
     model.eval()
@@ -488,7 +521,7 @@ def fit(
         "train_pairs_per_s": result.train_examples_per_s,
         "options": asdict(opts),
         "loss": asdict(loss.config),
-        "data": {"source": data.source, "format": data.format.value, "examples": len(data)},
+        "data": {"source": data_source, "format": data_fmt.value, "examples": n_examples},
     }
     with atomic_file(out / SUMMARY_FILE) as f:
         f.write(json.dumps(summary, indent=2) + "\n")
@@ -513,8 +546,8 @@ def _card_for_run(
     model: AnglE,
     opts: TrainOptions,
     loss: AngleLoss,
-    data: TrainData,
-    source: str,
+    data_format: DataFormat,
+    data_info: dict[str, Any],
     dev: Any,
     args: Any,
 ) -> CardData:
@@ -526,13 +559,9 @@ def _card_for_run(
         opts.batch_size * opts.gradient_accumulation_steps * args.world_size
     )
     # Which terms apply to this data format, asked of the loss itself on a random batch.
-    probe = torch.randn(2, len(data.format.text_fields), 4, generator=torch.Generator())
-    labels = torch.tensor([0.0, 1.0]) if data.format.has_label else None
-    data_info: dict[str, Any] = {
-        "source": source,
-        "format": data.format.value,
-        "examples": len(data),
-    }
+    probe = torch.randn(2, len(data_format.text_fields), 4, generator=torch.Generator())
+    labels = torch.tensor([0.0, 1.0]) if data_format.has_label else None
+    data_info = dict(data_info)
     if opts.column_map:
         data_info["column_map"] = opts.column_map
     if dev is not None:
