@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import MISSING, fields
@@ -180,7 +181,8 @@ def _train(args: argparse.Namespace) -> int:
     line += f"{result.train_examples_per_s:.1f} examples/s"
     if result.best_dev_spearman is not None:
         line += f", best dev Spearman {result.best_dev_spearman:.2f} at step {result.best_step}"
-    print(line + ")")
+    if os.environ.get("RANK", "0") == "0":
+        print(line + ")")
     return 0
 
 
@@ -282,8 +284,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``anglekit`` command; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    other_rank = os.environ.get("RANK", "0") != "0"  # under torchrun, one process reports
     logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO,
+        level=logging.WARNING if args.quiet or other_rank else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
         stream=sys.stderr,

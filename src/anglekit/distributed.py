@@ -15,6 +15,8 @@ that of one process computing ``L`` on the concatenated batch.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 __all__ = ["gather_batch", "world_size"]
@@ -59,7 +61,9 @@ def gather_batch(
     def pad(x: torch.Tensor) -> torch.Tensor:
         return torch.cat([x, x.new_zeros((most - n, *x.shape[1:]))]) if most > n else x
 
-    parts = all_gather(pad(embeddings))  # W x (most, K, D), differentiable
+    with warnings.catch_warnings():  # its successor lacks a gloo backward; this one has one
+        warnings.simplefilter("ignore", FutureWarning)
+        parts = all_gather(pad(embeddings))  # W x (most, K, D), differentiable
     gathered = torch.cat([p[:c] for p, c in zip(parts, counts, strict=True)])
     if labels is None:
         return gathered, None

@@ -269,7 +269,20 @@ def _make_trainer_classes():
                 model: AnglE = self.accelerator.unwrap_model(self.model)
                 if model.card_data.training is not None:  # the checkpoint's card: its step
                     model.card_data.training["steps"] = self.state.global_step
-                model.save_pretrained(output_dir)
+                backbone = None
+                if state_dict is not None:  # gathered by DeepSpeed ZeRO-3 / FSDP
+                    backbone = {
+                        k.removeprefix("backbone."): v
+                        for k, v in state_dict.items()
+                        if k.startswith("backbone.")
+                    }
+                model.save_pretrained(output_dir, backbone_state=backbone)
+
+        def _save_optimizer_and_scheduler(self, output_dir):
+            # The model save above renames a complete folder into place; files other processes
+            # write into the checkpoint (optimizer shards, RNG states) must come after it.
+            self.accelerator.wait_for_everyone()
+            super()._save_optimizer_and_scheduler(output_dir)
 
         def _save_checkpoint(self, model, trial):
             # Rotation deletes old checkpoints: defer it until this one is marked complete.
@@ -504,9 +517,10 @@ def fit(
         final_dev = SuiteResult(scores={dev_name: corr})
         logger.info("final model: dev spearman %.2f", corr.spearman)
         model.card_data.record_eval(final_dev, opts.dev_data, MEASURED_BY_TRAIN)
-    model.save_pretrained(final)
+    main_process = trainer.is_world_process_zero()  # under torchrun, only it writes files
+    trainer.save_model(str(final))  # every process: sharded engines gather the weights
     seconds = output.metrics["train_runtime"] - trainer.eval_seconds
-    examples = trainer.state.global_step * opts.batch_size * opts.gradient_accumulation_steps
+    examples = trainer.state.global_step * global_batch_size(opts, args.world_size)
     best_step = trainer.state.best_global_step if evaluating else None
     result = TrainResult(
         model_dir=final,
@@ -523,18 +537,25 @@ def fit(
         "loss": asdict(loss.config),
         "data": {"source": data_source, "format": data_fmt.value, "examples": n_examples},
     }
-    with atomic_file(out / SUMMARY_FILE) as f:
-        f.write(json.dumps(summary, indent=2) + "\n")
-    logger.info("saved the final model to %s", final)
-    if opts.plots:
+    if main_process:
+        with atomic_file(out / SUMMARY_FILE) as f:
+            f.write(json.dumps(summary, indent=2) + "\n")
+        logger.info("saved the final model to %s", final)
+    if opts.plots and main_process:
         from anglekit.plots import write_training_plots
 
         write_training_plots(trainer.state.log_history, out / "plots")
-    if opts.push_to_hub:
+    if opts.push_to_hub and main_process:
         from anglekit.hub import push_to_hub
 
         push_to_hub(final, opts.push_to_hub)
+    trainer.accelerator.wait_for_everyone()  # the final model exists when any process returns
     return result
+
+
+def global_batch_size(opts: TrainOptions, world_size: int) -> int:
+    """Examples per optimizer step over all devices."""
+    return opts.batch_size * opts.gradient_accumulation_steps * world_size
 
 
 def _dev_encoder(model: AnglE):
@@ -555,9 +576,7 @@ def _card_for_run(
     options = training_options(asdict(opts), evaluating=dev is not None)
     options["optimizer"] = str(getattr(args.optim, "value", args.optim))
     options["lr_scheduler"] = str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))
-    options["effective_batch_size"] = (
-        opts.batch_size * opts.gradient_accumulation_steps * args.world_size
-    )
+    options["effective_batch_size"] = global_batch_size(opts, args.world_size)
     # Which terms apply to this data format, asked of the loss itself on a random batch.
     probe = torch.randn(2, len(data_format.text_fields), 4, generator=torch.Generator())
     labels = torch.tensor([0.0, 1.0]) if data_format.has_label else None
