@@ -64,3 +64,23 @@ def test_torchrun_two_processes_with_gathering_equal_one_process(tiny_bert, tmp_
     assert moved > 1e-2
     assert gathered_gap < 0.01 * moved  # Adam magnifies float rounding: compare to the update
     assert local_gap > 5 * gathered_gap  # per-device negatives train another model
+
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize(
+    "path", sorted((CONFIGS / "accelerate").glob("*.yaml")), ids=lambda p: p.stem
+)
+def test_accelerate_configs_load(path):
+    """Each launch config parses with accelerate's own loader; DeepSpeed files exist and parse."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(path))
+    assert config.num_processes >= 2 and config.distributed_type.value in path.read_text()
+    ds_file = (config.deepspeed_config or {}).get("deepspeed_config_file")
+    if ds_file:
+        ds = json.loads((CONFIGS.parent / ds_file).read_text())
+        assert ds["train_micro_batch_size_per_gpu"] == "auto"  # the anglekit flags decide
+        if ds["zero_optimization"]["stage"] == 3:
+            assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
