@@ -43,44 +43,14 @@ import _common
 PARTS = ("streaming", "gradcache", "quality")
 BENCH = "scale_bench"
 DATA_DIR = _common.RESULTS_DIR / "scale_data"
+# fmt: off
 WORDS = [
-    "river",
-    "stone",
-    "light",
-    "cloud",
-    "quiet",
-    "market",
-    "garden",
-    "paper",
-    "window",
-    "silver",
-    "morning",
-    "engine",
-    "forest",
-    "letter",
-    "bridge",
-    "summer",
-    "winter",
-    "music",
-    "ocean",
-    "street",
-    "station",
-    "teacher",
-    "doctor",
-    "kitchen",
-    "yellow",
-    "mountain",
-    "village",
-    "planet",
-    "rocket",
-    "circle",
-    "island",
-    "orange",
-    "shadow",
-    "thunder",
-    "pocket",
-    "ladder",
+    "river", "stone", "light", "cloud", "quiet", "market", "garden", "paper", "window",
+    "silver", "morning", "engine", "forest", "letter", "bridge", "summer", "winter", "music",
+    "ocean", "street", "station", "teacher", "doctor", "kitchen", "yellow", "mountain", "village",
+    "planet", "rocket", "circle", "island", "orange", "shadow", "thunder", "pocket", "ladder",
 ]
+# fmt: on
 
 
 def _ints(value: str) -> list[int]:
