@@ -26,9 +26,7 @@ def pairs(tmp_path):
     return write_jsonl(tmp_path / "pairs.jsonl", rows)
 
 
-def _take(ds, n, shard=None):
-    if shard is not None:
-        ds.shard = lambda: shard  # as a device/worker pair would see it
+def _take(ds, n):
     it = iter(ds)
     return [next(it)["texts"][0] for _ in range(n)]
 
@@ -99,6 +97,20 @@ def test_multi_worker_loader_is_deterministic(pairs):
     first, second = order(), order()
     assert first == second
     assert sorted(t for b in first for t in b) == sorted(f"first {i}" for i in range(50))
+
+
+def test_two_devices_with_two_workers_each_split_the_file(pairs):
+    """Per device (rank, world size) and per worker, each row is read by exactly one loader."""
+    from torch.utils.data import DataLoader
+
+    seen = []
+    for rank, rows in ((0, 26), (1, 24)):  # one pass: shards 0-1 hold 13 rows, 2-3 hold 12
+        ds = StreamingDataset(pairs, _tokenize, shuffle_buffer=1)
+        ds.devices = (rank, 2)  # as the trainer records them
+        loader = DataLoader(ds, batch_size=None, num_workers=2)
+        seen.append([item["texts"][0] for item in islice(loader, rows)])
+    assert set(seen[0]).isdisjoint(seen[1])
+    assert sorted(seen[0] + seen[1]) == sorted(f"first {i}" for i in range(50))
 
 
 def test_fit_streams_and_needs_max_steps(tiny_bert, pairs, tmp_path):

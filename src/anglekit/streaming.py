@@ -91,6 +91,7 @@ class StreamingDataset(IterableDataset):
         self.tokenize_block = tokenize_block
         self.from_text = path.suffix.lower() in (".csv", ".tsv")
         self.format = self._detect_format()
+        self.devices: tuple[int, int] | None = None  # (rank, world size), set by the trainer
 
     def _detect_format(self) -> DataFormat:
         for where, row in _read_local(self.path):
@@ -107,7 +108,9 @@ class StreamingDataset(IterableDataset):
         import torch.distributed as dist
 
         rank, world = 0, 1
-        if dist.is_available() and dist.is_initialized():
+        if self.devices is not None:  # recorded in the main process, before workers start
+            rank, world = self.devices
+        elif dist.is_available() and dist.is_initialized():
             rank, world = dist.get_rank(), dist.get_world_size()
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)

@@ -227,6 +227,7 @@ def _make_trainer_classes():
             # which would have every device read (or one device dispatch) the whole stream.
             from torch.utils.data import DataLoader
 
+            self.train_dataset.devices = (self.args.process_index, self.args.world_size)
             return DataLoader(
                 self.train_dataset,
                 batch_size=self._train_batch_size,
