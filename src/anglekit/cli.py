@@ -29,6 +29,8 @@ TRAIN_EXAMPLES = """examples:
       --dev-data stsb:dev --epochs 1 --bf16 --ibn-threshold 4
   anglekit train --train-data nli.triplets.jsonl --column-map anchor=query \\
       --max-steps 1000 --batch-size 64 --output-dir runs/nli --resume
+  torchrun --nproc-per-node 8 -m anglekit train --train-data big.jsonl --streaming \\
+      --max-steps 50000 --batch-size 512 --gradcache-chunk-size 64 --gather-across-devices
 """
 EVAL_EXAMPLES = """examples:
   anglekit eval sentence-transformers/all-MiniLM-L6-v2 runs/anglekit/model   # STS-B test

@@ -575,6 +575,8 @@ def _card_for_run(
 ) -> CardData:
     """The model card data of a run: its options, loss, data; results are added at the end."""
     options = training_options(asdict(opts), evaluating=dev is not None)
+    if not opts.streaming:
+        options.pop("shuffle_buffer", None)
     options["optimizer"] = str(getattr(args.optim, "value", args.optim))
     options["lr_scheduler"] = str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))
     options["effective_batch_size"] = global_batch_size(opts, args.world_size)
