@@ -172,6 +172,17 @@ def _encoder() -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16))
 
 
+class _RowEncoder(torch.nn.Module):
+    """The encoder behind the model interface GradCache calls: rows of features to vectors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _encoder()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.net(input_ids)
+
+
 def _worker(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
@@ -190,6 +201,19 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         loss = loss_fn(emb, y)
         loss.backward()
         results[name] = (loss.item(), {n: p.grad for n, p in model.module.named_parameters()})
+    # GradCache (chunks of 2 rows, DDP sync deferred to the last chunk) with gathering.
+    model = DistributedDataParallel(_RowEncoder())
+    rows = x[slice(0, 3) if rank == 0 else slice(3, None)].flatten(0, 1)  # (6, 8)
+    part_labels = labels[:3] if rank == 0 else labels[3:]
+    loss = gradcache_backward(
+        model,
+        {"input_ids": rows, "attention_mask": torch.ones_like(rows, dtype=torch.long)},
+        2,
+        lambda e: loss_fn(*gather_batch(e.view(-1, 2, e.shape[-1]), part_labels)),
+        no_sync=model.no_sync,
+    )
+    grads = {n: p.grad for n, p in model.module.net.named_parameters()}
+    results["gradcache"] = (loss.item(), grads)
     # Triplets carry no labels.
     model = DistributedDataParallel(_encoder())
     trip = torch.randn(4, 3, 8, generator=torch.Generator().manual_seed(1))
@@ -202,7 +226,8 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_gather_across_two_gloo_processes_equals_one_process(tmp_path):
-    """Loss and DDP-averaged gradients of 2 processes equal one process on the whole batch."""
+    """Loss and DDP-averaged gradients of 2 processes equal one process on the whole batch,
+    with plain and with GradCache backward passes."""
     import socket
 
     import torch.multiprocessing as mp
