@@ -75,6 +75,7 @@ _BOOKKEEPING = {
     "push_to_hub",
     "bf16",  # replaced by "precision"
     "fp16",
+    "dataloader_workers",
 }
 # The hub datasets behind anglekit's task names and bundled sets (dataset "type" on the hub).
 _HUB_DATASETS = {

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import MISSING, fields
@@ -28,6 +29,8 @@ TRAIN_EXAMPLES = """examples:
       --dev-data stsb:dev --epochs 1 --bf16 --ibn-threshold 4
   anglekit train --train-data nli.triplets.jsonl --column-map anchor=query \\
       --max-steps 1000 --batch-size 64 --output-dir runs/nli --resume
+  torchrun --nproc-per-node 8 -m anglekit train --train-data big.jsonl --streaming \\
+      --max-steps 50000 --batch-size 512 --gradcache-chunk-size 64 --gather-across-devices
 """
 EVAL_EXAMPLES = """examples:
   anglekit eval sentence-transformers/all-MiniLM-L6-v2 runs/anglekit/model   # STS-B test
@@ -197,7 +200,8 @@ def _train(args: argparse.Namespace) -> int:
     line += f"{result.train_examples_per_s:.1f} examples/s"
     if result.best_dev_spearman is not None:
         line += f", best dev Spearman {result.best_dev_spearman:.2f} at step {result.best_step}"
-    print(line + ")")
+    if os.environ.get("RANK", "0") == "0":
+        print(line + ")")
     return 0
 
 
@@ -307,8 +311,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``anglekit`` command; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    other_rank = os.environ.get("RANK", "0") != "0"  # under torchrun, one process reports
     logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO,
+        level=logging.WARNING if args.quiet or other_rank else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
         stream=sys.stderr,

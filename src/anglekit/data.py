@@ -150,8 +150,15 @@ def detect_format(columns: Iterable[str]) -> DataFormat:
     )
 
 
-def _read_local(path: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
-    """Yield ``(line number, row or error message)`` for a JSON Lines, CSV or TSV file."""
+def _read_local(
+    path: Path, shard: tuple[int, int] | None = None
+) -> Iterator[tuple[int, dict[str, Any] | str]]:
+    """Yield ``(line number, row or error message)`` for a JSON Lines, CSV or TSV file.
+
+    With ``shard = (index, count)`` only rows whose position ``i`` (counting non-empty rows
+    from 0) has ``i % count == index`` are yielded; JSON Lines skip the others unparsed.
+    """
+    index, count = shard or (0, 1)
     suffix = path.suffix.lower()
     with path.open(encoding="utf-8-sig", newline="") as f:  # -sig: tolerate a byte-order mark
         if suffix in (".csv", ".tsv"):
@@ -161,14 +168,20 @@ def _read_local(path: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
                 reader = csv.DictReader(f)
             if reader.fieldnames is None:
                 return
-            for row in reader:
+            for i, row in enumerate(reader):
+                if i % count != index:
+                    continue
                 if None in row:
                     yield reader.line_num, f"{len(row[None])} more cells than header columns"
                     continue
                 yield reader.line_num, row  # a short row's absent cells are None
             return
+        position = -1
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
+                continue
+            position += 1
+            if position % count != index:
                 continue
             try:
                 row = json.loads(line)
@@ -259,6 +272,39 @@ def _check_label(value: Any, from_text: bool) -> tuple[float | None, str | None]
     return float(value), None
 
 
+def check_row(
+    row: Mapping[str, Any], fmt: DataFormat, from_text: bool
+) -> tuple[Example | None, list[str]]:
+    """Validate one row (columns already mapped) of format ``fmt``.
+
+    Args:
+        row: the row's fields.
+        fmt: the data format.
+        from_text: labels may be numeric strings (CSV/TSV cells).
+
+    Returns:
+        The example, or ``None`` and the problems found, each ``"field 'name' what"``.
+    """
+    texts, problems = [], []
+    for name in fmt.text_fields:
+        if name not in row or row[name] is None:
+            problems.append(f"field {name!r} is missing")
+            continue
+        text, error = _check_text(row[name])
+        if error:
+            problems.append(f"field {name!r} {error}")
+        texts.append(text)
+    label = None
+    if fmt.has_label:
+        if "label" not in row or row["label"] in (None, ""):
+            problems.append("field 'label' is missing")
+        else:
+            label, error = _check_label(row["label"], from_text)
+            if error:
+                problems.append(f"field 'label' {error}")
+    return (None, problems) if problems else (Example(tuple(texts), label), [])
+
+
 def load_train_data(
     source: str | Path,
     *,
@@ -307,29 +353,11 @@ def load_train_data(
                 fmt = detect_format(row)
             except ValueError as e:
                 raise DataError(str(source), [f"{source}:{where}: {e}"], 1) from None
-        texts, ok = [], True
-        for name in fmt.text_fields:
-            if name not in row or row[name] is None:
-                problem(where, f"field {name!r} is missing")
-                ok = False
-                continue
-            text, error = _check_text(row[name])
-            if error:
-                problem(where, f"field {name!r} {error}")
-                ok = False
-            texts.append(text)
-        label = None
-        if fmt.has_label:
-            if "label" not in row or row["label"] in (None, ""):
-                problem(where, "field 'label' is missing")
-                ok = False
-            else:
-                label, error = _check_label(row["label"], from_text)
-                if error:
-                    problem(where, f"field 'label' {error}")
-                    ok = False
-        if ok:
-            examples.append(Example(tuple(texts), label))
+        example, errors = check_row(row, fmt, from_text)
+        for error in errors:
+            problem(where, error)
+        if example is not None:
+            examples.append(example)
     if total:
         raise DataError(str(source), problems, total)
     if fmt is None:

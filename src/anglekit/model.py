@@ -324,13 +324,20 @@ class AnglE(nn.Module):
         sims = (ea @ eb.T).numpy()
         return float(sims[0, 0]) if isinstance(a, str) and isinstance(b, str) else sims
 
-    def save_pretrained(self, directory: str | Path) -> None:
+    def save_pretrained(
+        self, directory: str | Path, backbone_state: dict[str, torch.Tensor] | None = None
+    ) -> None:
         """Save weights (safetensors), tokenizer, anglekit config and model card, atomically.
 
         The card data (``anglekit_card.json``, see :mod:`anglekit.card`) is saved beside the
         weights and rendered as ``README.md``. The folder is written under a temporary name
         and renamed into place, so an interrupted save leaves any earlier model at
         ``directory`` intact.
+
+        Args:
+            directory: the model folder.
+            backbone_state: backbone weights to save instead of the module's own, e.g. the
+                full copy a sharding engine (DeepSpeed ZeRO-3, FSDP) gathers for saving.
         """
         config = replace(
             self.config,
@@ -338,7 +345,7 @@ class AnglE(nn.Module):
             version=__version__,
         )
         with atomic_directory(directory) as tmp:
-            self.backbone.save_pretrained(tmp, safe_serialization=True)
+            self.backbone.save_pretrained(tmp, state_dict=backbone_state, safe_serialization=True)
             self.tokenizer.save_pretrained(tmp)
             config.save(tmp)
             card = replace(self.card_data, embedding_dim=self.embedding_dim, readme_sha256=None)

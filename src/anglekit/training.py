@@ -22,9 +22,13 @@ import torch
 from anglekit._files import atomic_file
 from anglekit.batching import AngleCollator, TokenizedDataset
 from anglekit.card import MEASURED_BY_TRAIN, CardData, training_options
-from anglekit.data import TrainData, load_sts, load_train_data
+from anglekit.checkpoints import last_complete_checkpoint, mark_complete
+from anglekit.data import DataFormat, TrainData, load_sts, load_train_data
+from anglekit.distributed import gather_batch
+from anglekit.gradcache import gradcache_backward
 from anglekit.losses import AngleLoss, LossConfig
 from anglekit.model import DEFAULT_MODEL, AnglE
+from anglekit.streaming import StreamingDataset
 
 __all__ = ["TrainOptions", "TrainResult", "fit"]
 
@@ -87,6 +91,17 @@ class TrainOptions:
     progress: bool = _opt(True, "show a progress bar on a terminal")
     plots: bool = _opt(True, "loss and dev Spearman curves in <output-dir>/plots (matplotlib)")
     push_to_hub: str | None = _opt(None, "upload the final model to this hub repo (user/name)")
+    gather_across_devices: bool = _opt(
+        False, "in-batch negatives from every device's batch (all-gather, multi-device runs)"
+    )
+    gradcache_chunk_size: int | None = _opt(
+        None, "GradCache: embed the batch this many examples at a time (memory of one chunk)"
+    )
+    streaming: bool = _opt(
+        False, "stream a .jsonl/.csv/.tsv file instead of loading it (needs --max-steps)"
+    )
+    shuffle_buffer: int = _opt(10_000, "examples in the streaming shuffle buffer")
+    dataloader_workers: int = _opt(0, "data loading worker processes")
 
     def __post_init__(self) -> None:
         problems = []
@@ -97,6 +112,7 @@ class TrainOptions:
             "save_steps",
             "logging_steps",
             "save_total_limit",
+            "shuffle_buffer",
         ):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -106,6 +122,12 @@ class TrainOptions:
             problems.append(f"max_steps must be -1 or >= 1, got {self.max_steps}")
         if self.max_steps == -1 and not self.epochs > 0:
             problems.append(f"epochs must be > 0, got {self.epochs}")
+        if self.gradcache_chunk_size is not None and self.gradcache_chunk_size < 1:
+            problems.append(f"gradcache_chunk_size must be >= 1, got {self.gradcache_chunk_size}")
+        if self.dataloader_workers < 0:
+            problems.append(f"dataloader_workers must be >= 0, got {self.dataloader_workers}")
+        if self.streaming and self.max_steps == -1:
+            problems.append("streaming data has no length: set max_steps")
         if self.bf16 and self.fp16:
             problems.append("choose bf16 or fp16, not both")
         if problems:
@@ -143,6 +165,7 @@ def _make_trainer_classes():
     """Build the Trainer subclass and callback lazily, so the import stays light."""
     from transformers import Trainer, TrainerCallback
     from transformers.trainer_pt_utils import LengthGroupedSampler
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
     class AngleTrainer(Trainer):
         """A Trainer whose loss is the AnglE objective and whose metric is dev Spearman."""
@@ -153,21 +176,65 @@ def _make_trainer_classes():
             angle_loss: AngleLoss,
             texts_per_example: int,
             lengths: list[int] | None,
+            gather_across_devices: bool = False,
+            gradcache_chunk_size: int | None = None,
             **kwargs: Any,
         ) -> None:
             super().__init__(*args, **kwargs)
             self.angle_loss = angle_loss
             self.texts_per_example = texts_per_example
             self.lengths = lengths
+            self.gather_across_devices = gather_across_devices
+            self.gradcache_chunk_size = gradcache_chunk_size
+            self._defer_rotation = False
             self.eval_seconds = 0.0
             self.dev_scores: dict[int, Any] = {}  # step -> Correlation of that evaluation
+
+        def objective(self, rows: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+            """The AnglE loss of ``(N*K, D)`` embeddings, over all devices' batches if asked."""
+            emb = rows.view(-1, self.texts_per_example, rows.shape[-1])  # (N, K, D)
+            if self.gather_across_devices:
+                emb, labels = gather_batch(emb, labels)  # (sum_r N_r, K, D)
+            return self.angle_loss(emb, labels)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             labels = inputs.pop("labels", None)
             emb = model(**inputs)  # (N*K, D)
-            emb = emb.view(-1, self.texts_per_example, emb.shape[-1])  # (N, K, D)
-            loss = self.angle_loss(emb, labels)
+            loss = self.objective(emb, labels)
             return (loss, emb) if return_outputs else loss
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            if self.gradcache_chunk_size is None:
+                return super().training_step(model, inputs, num_items_in_batch)
+            model.train()
+            inputs = self._prepare_inputs(inputs)
+            labels = inputs.pop("labels", None)
+            steps = self.current_gradient_accumulation_steps
+            with self.compute_loss_context_manager():
+                return gradcache_backward(
+                    model,
+                    inputs,
+                    self.gradcache_chunk_size * self.texts_per_example,
+                    lambda rows: self.objective(rows, labels) / steps,
+                    backward=self.accelerator.backward,
+                    no_sync=lambda: self.accelerator.no_sync(model),
+                )
+
+        def get_train_dataloader(self):
+            if not isinstance(self.train_dataset, StreamingDataset):
+                return super().get_train_dataloader()
+            # The stream shards itself per device and worker: not wrapped by accelerate,
+            # which would have every device read (or one device dispatch) the whole stream.
+            from torch.utils.data import DataLoader
+
+            self.train_dataset.devices = (self.args.process_index, self.args.world_size)
+            return DataLoader(
+                self.train_dataset,
+                batch_size=self._train_batch_size,
+                collate_fn=self.data_collator,
+                num_workers=self.args.dataloader_num_workers,
+                pin_memory=self.args.dataloader_pin_memory,
+            )
 
         def _get_train_sampler(self, train_dataset=None):
             if self.lengths is None:
@@ -203,7 +270,40 @@ def _make_trainer_classes():
                 model: AnglE = self.accelerator.unwrap_model(self.model)
                 if model.card_data.training is not None:  # the checkpoint's card: its step
                     model.card_data.training["steps"] = self.state.global_step
-                model.save_pretrained(output_dir)
+                backbone = None
+                if state_dict is not None:  # gathered by DeepSpeed ZeRO-3 / FSDP
+                    backbone = {
+                        k.removeprefix("backbone."): v
+                        for k, v in state_dict.items()
+                        if k.startswith("backbone.")
+                    }
+                model.save_pretrained(output_dir, backbone_state=backbone)
+
+        def _save_optimizer_and_scheduler(self, output_dir):
+            # The model save above renames a complete folder into place; files other processes
+            # write into the checkpoint (optimizer shards, RNG states) must come after it.
+            self.accelerator.wait_for_everyone()
+            super()._save_optimizer_and_scheduler(output_dir)
+
+        def _save_checkpoint(self, model, trial):
+            # Rotation deletes old checkpoints: defer it until this one is marked complete.
+            limit = self.args.save_total_limit
+            self.args.save_total_limit = None
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self.args.save_total_limit = limit
+            self.accelerator.wait_for_everyone()  # sharded states are written by every rank
+            if self.args.should_save:
+                run_dir = self._get_output_dir(trial=trial)
+                step = self.state.global_step
+                mark_complete(Path(run_dir) / f"{PREFIX_CHECKPOINT_DIR}-{step}", step)
+                rotate_checkpoints(
+                    output_dir=run_dir,
+                    save_total_limit=limit,
+                    best_model_checkpoint=self.state.best_model_checkpoint,
+                    use_mtime=True,
+                )
 
         def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
             _load_backbone_weights(model or self.model, resume_from_checkpoint)
@@ -272,7 +372,6 @@ def fit(
     """
     from transformers import TrainingArguments
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
-    from transformers.trainer_utils import get_last_checkpoint
 
     train_kwargs, loss_kwargs = split_options(options)
     if isinstance(model, str):
@@ -289,11 +388,14 @@ def fit(
         check_can_push(opts.push_to_hub)  # fail now, not after training
     torch.manual_seed(opts.seed)
 
-    data = (
-        train_data
-        if isinstance(train_data, TrainData)
-        else load_train_data(opts.train_data, column_map=opts.column_map)
-    )
+    if opts.streaming and isinstance(train_data, TrainData):
+        raise ValueError("streaming reads a file: give train_data as a path, not TrainData")
+    if opts.streaming:
+        data = None
+    elif isinstance(train_data, TrainData):
+        data = train_data
+    else:
+        data = load_train_data(opts.train_data, column_map=opts.column_map)
     dev = load_sts(opts.dev_data) if opts.dev_data else None
     if isinstance(model, AnglE):
         ignored = [n for n in ("pooling", "max_length", "prompt") if getattr(opts, n) is not None]
@@ -309,9 +411,21 @@ def fit(
             max_length=opts.max_length,
             prompt=opts.prompt,
         )
-    _warn_on_label_scale(data, loss.config)
-    dataset = TokenizedDataset(data, model.tokenize, seed=opts.seed)
-    logger.info("training on %d %s examples from %s", len(data), data.format.value, data.source)
+    if data is None:
+        dataset = StreamingDataset(
+            opts.train_data,
+            model.tokenize,
+            column_map=opts.column_map,
+            seed=opts.seed,
+            shuffle_buffer=opts.shuffle_buffer,
+        )
+        data_fmt, data_source, n_examples = dataset.format, dataset.source, None
+        logger.info("streaming %s examples from %s", data_fmt.value, data_source)
+    else:
+        _warn_on_label_scale(data, loss.config)
+        dataset = TokenizedDataset(data, model.tokenize, seed=opts.seed)
+        data_fmt, data_source, n_examples = data.format, data.source, len(data)
+        logger.info("training on %d %s examples from %s", len(data), data_fmt.value, data_source)
 
     out = Path(opts.output_dir)
     evaluating = dev is not None
@@ -342,6 +456,7 @@ def fit(
         report_to=[] if opts.report_to == "none" else [opts.report_to],
         remove_unused_columns=False,
         dataloader_pin_memory=torch.cuda.is_available(),
+        dataloader_num_workers=opts.dataloader_workers,
         disable_tqdm=not show_progress,
         use_cpu=not torch.cuda.is_available(),
     )
@@ -356,21 +471,32 @@ def fit(
             drop_duplicates=opts.drop_duplicates,
         ),
         angle_loss=loss,
-        texts_per_example=len(data.format.text_fields),
+        texts_per_example=len(data_fmt.text_fields),
+        gather_across_devices=opts.gather_across_devices,
+        gradcache_chunk_size=opts.gradcache_chunk_size,
         eval_dataset=dev,
-        lengths=dataset.lengths() if opts.group_by_length else None,
+        lengths=dataset.lengths() if opts.group_by_length and data is not None else None,
     )
+    if opts.gradcache_chunk_size is not None and trainer.is_deepspeed_enabled:
+        raise ValueError(
+            "gradcache_chunk_size runs several backward passes per step, which DeepSpeed does "
+            "not allow; use DDP or FSDP with GradCache"
+        )
     trainer.remove_callback(PrinterCallback)  # the library logs; it does not print
     if not show_progress:
         trainer.remove_callback(ProgressCallback)
     trainer.add_callback(log_callback())
-    resume = get_last_checkpoint(str(out)) if opts.resume else None
+    resume = None
+    if opts.resume:
+        resume = last_complete_checkpoint(out, remove_incomplete=args.should_save)
+        trainer.accelerator.wait_for_everyone()
     if opts.resume and resume is None:
         logger.warning("--resume: no checkpoint in %s, starting from scratch", out)
     if opts.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    source = data.source if isinstance(train_data, TrainData) else opts.train_data
-    model.card_data = _card_for_run(model, opts, loss, data, source, dev, args)
+    source = data_source if isinstance(train_data, TrainData) else opts.train_data
+    data_info = {"source": source, "format": data_fmt.value, "examples": n_examples}
+    model.card_data = _card_for_run(model, opts, loss, data_fmt, data_info, dev, args)
     model.train()
     output = trainer.train(resume_from_checkpoint=resume)
     model.eval()
@@ -392,9 +518,10 @@ def fit(
         final_dev = SuiteResult(scores={dev_name: corr})
         logger.info("final model: dev spearman %.2f", corr.spearman)
         model.card_data.record_eval(final_dev, opts.dev_data, MEASURED_BY_TRAIN)
-    model.save_pretrained(final)
+    main_process = trainer.is_world_process_zero()  # under torchrun, only it writes files
+    trainer.save_model(str(final))  # every process: sharded engines gather the weights
     seconds = output.metrics["train_runtime"] - trainer.eval_seconds
-    examples = trainer.state.global_step * opts.batch_size * opts.gradient_accumulation_steps
+    examples = trainer.state.global_step * global_batch_size(opts, args.world_size)
     best_step = trainer.state.best_global_step if evaluating else None
     result = TrainResult(
         model_dir=final,
@@ -409,20 +536,27 @@ def fit(
         "train_pairs_per_s": result.train_examples_per_s,
         "options": asdict(opts),
         "loss": asdict(loss.config),
-        "data": {"source": data.source, "format": data.format.value, "examples": len(data)},
+        "data": {"source": data_source, "format": data_fmt.value, "examples": n_examples},
     }
-    with atomic_file(out / SUMMARY_FILE) as f:
-        f.write(json.dumps(summary, indent=2) + "\n")
-    logger.info("saved the final model to %s", final)
-    if opts.plots:
+    if main_process:
+        with atomic_file(out / SUMMARY_FILE) as f:
+            f.write(json.dumps(summary, indent=2) + "\n")
+        logger.info("saved the final model to %s", final)
+    if opts.plots and main_process:
         from anglekit.plots import write_training_plots
 
         write_training_plots(trainer.state.log_history, out / "plots")
-    if opts.push_to_hub:
+    if opts.push_to_hub and main_process:
         from anglekit.hub import push_to_hub
 
         push_to_hub(final, opts.push_to_hub)
+    trainer.accelerator.wait_for_everyone()  # the final model exists when any process returns
     return result
+
+
+def global_batch_size(opts: TrainOptions, world_size: int) -> int:
+    """Examples per optimizer step over all devices."""
+    return opts.batch_size * opts.gradient_accumulation_steps * world_size
 
 
 def _dev_encoder(model: AnglE):
@@ -434,26 +568,22 @@ def _card_for_run(
     model: AnglE,
     opts: TrainOptions,
     loss: AngleLoss,
-    data: TrainData,
-    source: str,
+    data_format: DataFormat,
+    data_info: dict[str, Any],
     dev: Any,
     args: Any,
 ) -> CardData:
     """The model card data of a run: its options, loss, data; results are added at the end."""
     options = training_options(asdict(opts), evaluating=dev is not None)
+    if not opts.streaming:
+        options.pop("shuffle_buffer", None)
     options["optimizer"] = str(getattr(args.optim, "value", args.optim))
     options["lr_scheduler"] = str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))
-    options["effective_batch_size"] = (
-        opts.batch_size * opts.gradient_accumulation_steps * args.world_size
-    )
+    options["effective_batch_size"] = global_batch_size(opts, args.world_size)
     # Which terms apply to this data format, asked of the loss itself on a random batch.
-    probe = torch.randn(2, len(data.format.text_fields), 4, generator=torch.Generator())
-    labels = torch.tensor([0.0, 1.0]) if data.format.has_label else None
-    data_info: dict[str, Any] = {
-        "source": source,
-        "format": data.format.value,
-        "examples": len(data),
-    }
+    probe = torch.randn(2, len(data_format.text_fields), 4, generator=torch.Generator())
+    labels = torch.tensor([0.0, 1.0]) if data_format.has_label else None
+    data_info = dict(data_info)
     if opts.column_map:
         data_info["column_map"] = opts.column_map
     if dev is not None:
