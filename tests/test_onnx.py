@@ -112,6 +112,10 @@ def test_cli_export_int8_round_trip(tiny_bert, tmp_path, capsys):
     vecs = tmp_path / "vecs.npy"
     assert main(["-q", "encode", str(out), "--input", str(texts), "--output", str(vecs)]) == 0
     assert np.load(vecs).shape == (4, 32)
+    codes = tmp_path / "codes.npy"
+    args = ["-q", "encode", str(out), "--input", str(texts), "--output", str(codes)]
+    assert main([*args, "--precision", "ubinary", "--max-tokens-per-batch", "64"]) == 0
+    assert np.load(codes).shape == (4, 4) and np.load(codes).dtype == np.uint8
     assert main(["-q", "export", "st", str(source), str(out), "--int8"]) == 1
     assert "--int8 applies to onnx" in capsys.readouterr().err
 
