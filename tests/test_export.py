@@ -90,3 +90,11 @@ def test_refusals_are_clear(tiny_llama, tiny_bert, tmp_path, capsys):
     with pytest.raises(ValueError, match="token index 2"):
         export_sentence_transformers(index, out)
     assert not out.exists()
+
+
+def test_onnx_folder_is_refused(tiny_bert, tmp_path):
+    """An ONNX export has no torch weights to hand to sentence-transformers: a clear error."""
+    onnx_dir = tmp_path / "onnx"
+    AnglE.from_pretrained(str(tiny_bert), pooling="mean", backend="onnx").save_pretrained(onnx_dir)
+    with pytest.raises(ValueError, match="holds an ONNX export"):
+        export_sentence_transformers(str(onnx_dir), tmp_path / "st")

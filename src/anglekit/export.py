@@ -140,7 +140,7 @@ def export_sentence_transformers(model: str, output: str | Path) -> Path:
         raise ImportError(f"exporting to sentence-transformers needs it: {ST_HINT}") from e
     from anglekit.model import AnglE
 
-    angle = AnglE.from_pretrained(model, device="cpu")
+    angle = AnglE.from_pretrained(model, device="cpu", backend=Backend.TORCH)
     config = angle.config
     if config.padding_side != "right":
         raise ValueError("only right-padded models export to sentence-transformers")

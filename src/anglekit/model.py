@@ -21,7 +21,13 @@ from anglekit._files import atomic_directory
 from anglekit.batching import length_sorted_batches, pad_batch
 from anglekit.card import CARD_DATA_NAME, CardData, read_base_license, write_card
 from anglekit.config import CONFIG_NAME, AngleConfig, BackboneKind
-from anglekit.onnx_backend import ONNX_INFO_NAME, Backend, Quantization, parse_backend
+from anglekit.onnx_backend import (
+    ONNX_INFO_NAME,
+    Backend,
+    Quantization,
+    load_onnx_backbone,
+    parse_backend,
+)
 from anglekit.pooling import Pooling, parse_pooling, pool
 from anglekit.prompts import apply_prompt, resolve_prompt
 from anglekit.quantization import Precision, parse_precision, quantize_embeddings
@@ -199,8 +205,6 @@ class AnglE(nn.Module):
         onnx_saved = _read_json(path, ONNX_INFO_NAME)
         backend = parse_backend(backend or (Backend.ONNX if onnx_saved else Backend.TORCH))
         if backend is Backend.ONNX:
-            from anglekit.onnx_backend import load_onnx_backbone
-
             if _parse_dtype(dtype) not in (None, torch.float32) or str(device or "cpu") != "cpu":
                 raise ValueError("the ONNX backend runs in float32 on the CPU; drop dtype/device")
             torch_dtype, device = torch.float32, "cpu"
