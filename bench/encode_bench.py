@@ -5,9 +5,20 @@ text2 of each pair, in file order) at batch 32 in its own process, after one war
 pass; the reported speed comes from the median of 3 timed passes. Each also scores
 STS-B test (Spearman x100 of cosine) with the same model, so a fast wrong encoder shows.
 
-Systems: sentence-transformers (torch backend, fp32; ``bench/.venvs/st``, created on
-first use) and anglekit ``AnglE.encode`` in fp32 and bf16 (project venv, ``make``).
-Results go to ``bench/results/encode_bench.json``.
+Systems:
+
+- ``st``: sentence-transformers, torch backend, fp32 and bf16 weights
+  (``bench/.venvs/st``, created on first use).
+- ``st-onnx``: sentence-transformers' ONNX backend, fp32 and its dynamic int8 export for
+  AVX-512 VNNI (``bench/.venvs/st-onnx``: the ONNX backend's optimum-onnx pins
+  transformers 4, so pip resolves sentence-transformers 5 there).
+- ``anglekit``: ``AnglE.encode`` with the torch backend (fp32, bf16) and the ONNX backend
+  (fp32, int8); bf16 and int8 also with a token budget per batch (512 padded tokens by
+  default) instead of batch 32. From the project venv (``make``).
+
+The table gives each row's ratio to sentence-transformers' torch fp32 row and to its
+fastest row, and the target check: anglekit's fastest row against sentence-transformers'
+fastest, with the Spearman lost. Results go to ``bench/results/encode_bench.json``.
 
 Example:
     .venv/bin/python bench/encode_bench.py
@@ -23,9 +34,25 @@ from typing import Any
 
 import _common
 
-SYSTEMS = ("st", "anglekit")
+SYSTEMS = ("st", "st-onnx", "anglekit")
 REFERENCE = "sentence-transformers"
 BENCH = "encode_bench"
+ST_VARIANTS = {"st": ("torch", "bf16"), "st-onnx": ("onnx", "onnx-int8")}
+#: anglekit rows: name -> worker arguments.
+ANGLEKIT_ROWS = {
+    "anglekit": [],
+    "anglekit bf16": ["--dtype", "bfloat16"],
+    "anglekit bf16, token budget": [
+        "--dtype", "bfloat16", "--max-tokens-per-batch", "{budget}",
+    ],
+    "anglekit ONNX": ["--backend", "onnx"],
+    "anglekit ONNX int8": ["--backend", "onnx", "--quantize", "int8"],
+    "anglekit ONNX int8, token budget": [
+        "--backend", "onnx", "--quantize", "int8", "--max-tokens-per-batch", "{budget}",
+    ],
+}  # fmt: skip
+#: Most Spearman points the fastest anglekit row may lose against ST torch fp32.
+MAX_POINTS_LOST = 0.5
 
 
 @dataclass(frozen=True)
@@ -36,6 +63,7 @@ class EncodeConfig:
     count: int = 2000
     batch_size: int = 32
     repetitions: int = 3
+    max_tokens_per_batch: int = 512
 
     def worker_args(self) -> list[str]:
         """The shared command-line arguments of the encoding workers."""
@@ -50,44 +78,57 @@ class EncodeConfig:
         ]  # fmt: skip
 
 
-def bench_st(config: EncodeConfig) -> list[dict]:
-    """sentence-transformers, torch backend, fp32."""
-    python = _common.ensure_venv(_common.ST_VENV, _common.ST_INSTALL)
-    args = config.worker_args()
-    return [_common.run_worker(BENCH, REFERENCE, python, "st_encode.py", args, config.threads)]
+def bench_st(config: EncodeConfig, system: str) -> list[dict]:
+    """sentence-transformers: torch fp32 and bf16 (``st``), or ONNX fp32 and int8 (``st-onnx``)."""
+    venv, install = {
+        "st": (_common.ST_VENV, _common.ST_INSTALL),
+        "st-onnx": (_common.ST_ONNX_VENV, _common.ST_ONNX_INSTALL),
+    }[system]
+    python = _common.ensure_venv(venv, install)
+    rows = []
+    for variant in ST_VARIANTS[system]:
+        name = REFERENCE if variant == "torch" else f"{REFERENCE} {variant}"
+        args = ["--variant", variant, *config.worker_args()]
+        rows.append(_common.run_worker(BENCH, name, python, "st_encode.py", args, config.threads))
+    return rows
 
 
 def bench_anglekit(config: EncodeConfig) -> list[dict]:
-    """anglekit ``AnglE.encode`` with mean pooling, fp32 and bf16 weights."""
+    """anglekit ``AnglE.encode`` with mean pooling: torch fp32/bf16, ONNX fp32/int8."""
     python = _common.venv_python(_common.PROJECT_VENV)
-    names = {"float32": "anglekit", "bfloat16": "anglekit bf16"}
     if not python.is_file():
         message = f"{python} not found: run `make` in {_common.REPO_ROOT} to build the project venv"
         print(f"[bench] skipping anglekit: {message}", file=sys.stderr)
-        return [_common.result_row(name, "skipped", error=message) for name in names.values()]
-    return [
-        _common.run_worker(
-            BENCH,
-            name,
-            python,
-            "anglekit_encode.py",
-            ["--dtype", dtype, *config.worker_args()],
-            config.threads,
+        return [_common.result_row(name, "skipped", error=message) for name in ANGLEKIT_ROWS]
+    rows = []
+    for name, extra in ANGLEKIT_ROWS.items():
+        extra = [a.format(budget=config.max_tokens_per_batch) for a in extra]
+        args = ["--system", name, *extra, *config.worker_args()]
+        rows.append(
+            _common.run_worker(BENCH, name, python, "anglekit_encode.py", args, config.threads)
         )
-        for dtype, name in names.items()
-    ]
+    return rows
+
+
+def _fastest(rows: Sequence[dict[str, Any]], prefix: str) -> dict[str, Any] | None:
+    ok = [r for r in rows if r["status"] == "ok" and r["system"].startswith(prefix)]
+    return max(ok, key=lambda r: r["sentences_per_s"], default=None)
 
 
 def print_report(rows: Sequence[dict[str, Any]]) -> None:
-    """Prints the comparison table and any failures under it."""
+    """Prints the comparison table, the target check and any failures under it."""
     reference = next(
-        (r["sentences_per_s"] for r in rows if r["system"] == REFERENCE and r["status"] == "ok"),
+        (r for r in rows if r["system"] == REFERENCE and r["status"] == "ok"),
         None,
     )
+    reference_speed = reference["sentences_per_s"] if reference else None
+    st_best = _fastest(rows, REFERENCE)
+    best_speed = st_best["sentences_per_s"] if st_best else None
     headers = [
         "system",
         "sentences/s",
         "vs ST torch",
+        "vs ST fastest",
         "STS-B test",
         "peak RSS MB",
         "other load",
@@ -97,7 +138,8 @@ def print_report(rows: Sequence[dict[str, Any]]) -> None:
         [
             row["system"],
             _common.fmt(row.get("sentences_per_s"), 0),
-            _common.fmt(_common.ratio(row.get("sentences_per_s"), reference)),
+            _common.fmt(_common.ratio(row.get("sentences_per_s"), reference_speed)),
+            _common.fmt(_common.ratio(row.get("sentences_per_s"), best_speed)),
             _common.fmt(row.get("stsb_test")),
             _common.fmt(row.get("peak_rss_mb"), 0),
             _common.fmt(row.get("other_cores")),
@@ -107,15 +149,40 @@ def print_report(rows: Sequence[dict[str, Any]]) -> None:
     ]
     print()
     _common.print_table(headers, table)
+    ours = _fastest(rows, "anglekit")
+    if ours and st_best and reference:
+        lost = reference["stsb_test"] - ours["stsb_test"]
+        speedup = ours["sentences_per_s"] / st_best["sentences_per_s"]
+        verdict = "met" if speedup >= 2 and lost <= MAX_POINTS_LOST else "not met"
+        print(
+            f"\ntarget (>= 2x ST's fastest, <= {MAX_POINTS_LOST} points lost): {verdict}: "
+            f"{ours['system']} is {speedup:.2f}x {st_best['system']} and loses {lost:.2f} "
+            f"points against {REFERENCE}"
+        )
     _common.print_failures(rows)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the selected systems and writes ``bench/results/encode_bench.json``."""
     parser = _common.base_parser(__doc__, SYSTEMS)
+    parser.add_argument(
+        "--max-tokens-per-batch",
+        type=int,
+        default=EncodeConfig.max_tokens_per_batch,
+        help="token budget of the token-budget row (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--count", type=int, default=EncodeConfig.count, help="sentences (default: %(default)s)"
+    )
     args = parser.parse_args(argv)
-    config = EncodeConfig(threads=args.threads)
-    runners = {"st": lambda: bench_st(config), "anglekit": lambda: bench_anglekit(config)}
+    config = EncodeConfig(
+        threads=args.threads, max_tokens_per_batch=args.max_tokens_per_batch, count=args.count
+    )
+    runners = {
+        "st": lambda: bench_st(config, "st"),
+        "st-onnx": lambda: bench_st(config, "st-onnx"),
+        "anglekit": lambda: bench_anglekit(config),
+    }
     return _common.run_benchmark(BENCH, config, args.only, runners, print_report)
 
 

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 
 from anglekit.data import Example, TrainData
 
-__all__ = ["AngleCollator", "TokenizedDataset", "pad_batch"]
+__all__ = ["AngleCollator", "TokenizedDataset", "length_sorted_batches", "pad_batch"]
 
 
 def pad_batch(
@@ -117,3 +117,29 @@ class AngleCollator:
         if items[0]["label"] is not None:
             batch["labels"] = torch.tensor([item["label"] for item in items], dtype=torch.float32)
         return batch
+
+
+def length_sorted_batches(
+    lengths: Sequence[int], batch_size: int | None = None, max_tokens: int | None = None
+) -> list[list[int]]:
+    """Group row indices longest first into batches of at most ``batch_size`` rows, or of at
+    most ``max_tokens`` padded tokens (rows x longest row; a longer single row goes alone).
+
+    Exactly one of ``batch_size`` and ``max_tokens`` is given. Ties keep input order.
+    """
+    if (batch_size is None) == (max_tokens is None):
+        raise ValueError("give batch_size or max_tokens_per_batch, not both (or neither)")
+    for name, value in (("batch_size", batch_size), ("max_tokens_per_batch", max_tokens)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
+    if batch_size is not None:
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    batches: list[list[int]] = []
+    for i in order:
+        # Sorted longest first, so a batch's padded length is that of its first row.
+        if batches and (len(batches[-1]) + 1) * max(lengths[batches[-1][0]], 1) <= max_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches

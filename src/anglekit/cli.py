@@ -1,4 +1,4 @@
-"""The ``anglekit`` command: ``train``, ``eval``, ``encode`` and ``push``.
+"""The ``anglekit`` command: ``train``, ``eval``, ``encode``, ``export`` and ``push``.
 
 ``main(argv)`` returns the exit code, so tests call it in-process. Training flags are built
 from :class:`~anglekit.training.TrainOptions` and :class:`~anglekit.losses.LossConfig`, the
@@ -47,6 +47,11 @@ SERVE_EXAMPLES = """examples:
   ANGLEKIT_API_KEY=secret anglekit serve runs/anglekit/model --host 0.0.0.0 --port 8080
   anglekit serve all-MiniLM-L6-v2 --max-wait-ms 2 --max-batch-size 128 --dtype bfloat16
 """
+EXPORT_EXAMPLES = """examples:
+  anglekit export onnx runs/anglekit/model runs/anglekit/onnx          # float32 graph
+  anglekit export onnx runs/anglekit/model runs/anglekit/onnx-int8 --int8
+  anglekit export st runs/anglekit/model runs/anglekit/st   # SentenceTransformer(folder)
+"""
 PUSH_EXAMPLES = """examples:
   hf auth login                                    # once, or set HF_TOKEN
   anglekit push runs/anglekit/model my-user/minilm-angle-stsb
@@ -91,7 +96,9 @@ def add_options(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The ``anglekit`` argument parser."""
     from anglekit import __version__
+    from anglekit.export import ExportFormat
     from anglekit.losses import LossConfig
+    from anglekit.quantization import Precision
     from anglekit.training import TrainOptions
 
     parser = argparse.ArgumentParser(
@@ -152,7 +159,19 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("model", help="model folder or hub id")
     enc.add_argument("--input", default="-", help="text file, one text per line (- = stdin)")
     enc.add_argument("--output", type=Path, required=True, help="output .npy or .jsonl")
-    enc.add_argument("--batch-size", type=int, default=32)
+    enc.add_argument("--batch-size", type=int, default=None, help="texts per batch (default 32)")
+    enc.add_argument(
+        "--max-tokens-per-batch",
+        type=int,
+        default=None,
+        help="fill length-sorted batches up to this many padded tokens instead of --batch-size",
+    )
+    enc.add_argument(
+        "--precision",
+        choices=[p.value for p in Precision],
+        default=Precision.FLOAT32.value,
+        help="output precision; int8/uint8 ranges come from the texts themselves",
+    )
     enc.add_argument("--prompt", default=None, help="template with {text}, or A, B, C")
     enc.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None)
     enc.add_argument("--embedding-size", type=int, default=None)
@@ -169,6 +188,16 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("model", help="model folder or hub id, loaded once at start")
     srv.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     add_options(srv, ServeOptions, "server")
+    export = sub.add_parser(
+        "export",
+        help="write an ONNX or sentence-transformers folder",
+        epilog=EXPORT_EXAMPLES,
+        formatter_class=fmt,
+    )
+    export.add_argument("format", choices=[f.value for f in ExportFormat], help="target")
+    export.add_argument("model", help="model folder or hub id")
+    export.add_argument("output", type=Path, help="folder to write (replaced atomically)")
+    export.add_argument("--int8", action="store_true", help="onnx only: dynamic int8 quantisation")
 
     push = sub.add_parser(
         "push",
@@ -279,6 +308,8 @@ def _encode(args: argparse.Namespace) -> int:
         normalize=args.normalize,
         embedding_size=args.embedding_size,
         show_progress=False if args.quiet else None,
+        max_tokens_per_batch=args.max_tokens_per_batch,
+        precision=args.precision,
     )
     if suffix == ".npy":
         with atomic_file(args.output, "wb") as f:
@@ -296,6 +327,19 @@ def _serve(args: argparse.Namespace) -> int:
 
     options = ServeOptions(**{f.name: getattr(args, f.name) for f in fields(ServeOptions)})
     serve(args.model, options, dtype=args.dtype)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from anglekit.export import ExportFormat, export_onnx, export_sentence_transformers
+
+    if ExportFormat(args.format) is ExportFormat.ST:
+        if args.int8:
+            raise ValueError("--int8 applies to onnx exports only")
+        export_sentence_transformers(args.model, args.output)
+    else:
+        export_onnx(args.model, args.output, quantize="int8" if args.int8 else None)
+    print(f"exported {args.model} to {args.output} ({args.format})")
     return 0
 
 
@@ -324,13 +368,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     hf_logging.disable_progress_bar()
     if args.quiet and hasattr(args, "progress"):
         args.progress = False
-    command = {
+    commands = {
         "train": _train,
         "eval": _eval,
         "encode": _encode,
+        "export": _export,
         "serve": _serve,
         "push": _push,
-    }[args.command]
+    }
+    command = commands[args.command]
     try:
         return command(args)
     except (ValueError, TypeError, OSError, RuntimeError, ImportError) as e:

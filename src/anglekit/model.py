@@ -18,11 +18,19 @@ from torch import nn
 
 from anglekit import __version__
 from anglekit._files import atomic_directory
-from anglekit.batching import pad_batch
+from anglekit.batching import length_sorted_batches, pad_batch
 from anglekit.card import CARD_DATA_NAME, CardData, read_base_license, write_card
 from anglekit.config import CONFIG_NAME, AngleConfig, BackboneKind
+from anglekit.onnx_backend import (
+    ONNX_INFO_NAME,
+    Backend,
+    Quantization,
+    load_onnx_backbone,
+    parse_backend,
+)
 from anglekit.pooling import Pooling, parse_pooling, pool
 from anglekit.prompts import apply_prompt, resolve_prompt
+from anglekit.quantization import Precision, parse_precision, quantize_embeddings
 
 __all__ = ["DEFAULT_MODEL", "AnglE", "resolve_model_path"]
 
@@ -133,6 +141,8 @@ class AnglE(nn.Module):
         dtype: str | torch.dtype | None = None,
         device: str | torch.device | None = None,
         trust_remote_code: bool = False,
+        backend: str | Backend | None = None,
+        quantize: str | Quantization | None = None,
     ) -> AnglE:
         """Load a backbone (local folder or hub id) and its anglekit settings.
 
@@ -152,6 +162,11 @@ class AnglE(nn.Module):
             dtype: weight dtype, ``float32``, ``bfloat16`` or ``float16``.
             device: where to run; CUDA when available, else CPU.
             trust_remote_code: allow model code from the hub (off unless asked for).
+            backend: ``torch``, or ``onnx`` to run the backbone with onnxruntime on the CPU
+                (exported on load unless the folder holds an ONNX export, see
+                :mod:`anglekit.onnx_backend`); default: ``onnx`` for a folder saved from an
+                ONNX model, else ``torch``.
+            quantize: ``int8`` for dynamic int8 quantisation of the ONNX graph.
 
         Returns:
             The embedder, in eval mode.
@@ -187,10 +202,25 @@ class AnglE(nn.Module):
             "normalize": normalize,
         }
         config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
-        torch_dtype = _parse_dtype(dtype) or DTYPES[config.dtype]
-        backbone = AutoModel.from_pretrained(
-            path, config=hf_config, dtype=torch_dtype, trust_remote_code=trust_remote_code
-        )
+        onnx_saved = _read_json(path, ONNX_INFO_NAME)
+        backend = parse_backend(backend or (Backend.ONNX if onnx_saved else Backend.TORCH))
+        if backend is Backend.ONNX:
+            if _parse_dtype(dtype) not in (None, torch.float32) or str(device or "cpu") != "cpu":
+                raise ValueError("the ONNX backend runs in float32 on the CPU; drop dtype/device")
+            torch_dtype, device = torch.float32, "cpu"
+            backbone = load_onnx_backbone(
+                path, hf_config, onnx_saved, quantize=quantize, trust_remote_code=trust_remote_code
+            )
+        elif onnx_saved or quantize is not None:
+            raise ValueError(
+                f"quantize and ONNX folders need backend='onnx'; {name_or_path} was asked for "
+                f"backend={backend.value!r}" + (" and holds an ONNX export" if onnx_saved else "")
+            )
+        else:
+            torch_dtype = _parse_dtype(dtype) or DTYPES[config.dtype]
+            backbone = AutoModel.from_pretrained(
+                path, config=hf_config, dtype=torch_dtype, trust_remote_code=trust_remote_code
+            )
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         config = replace(config, dtype=_dtype_name(torch_dtype))
         model = cls(backbone, tokenizer, config)
@@ -201,8 +231,9 @@ class AnglE(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        """The device of the backbone's weights."""
-        return next(self.backbone.parameters()).device
+        """The device of the backbone's weights (the CPU for an ONNX backbone)."""
+        weight = next(self.backbone.parameters(), None)
+        return torch.device("cpu") if weight is None else weight.device
 
     @property
     def embedding_dim(self) -> int:
@@ -252,13 +283,16 @@ class AnglE(nn.Module):
         self,
         texts: str | Sequence[str],
         *,
-        batch_size: int = 32,
+        batch_size: int | None = None,
         prompt: str | None = None,
         prompt_name: str | None = None,
         normalize: bool | None = None,
         embedding_size: int | None = None,
         to_numpy: bool = True,
         show_progress: bool | None = None,
+        max_tokens_per_batch: int | None = None,
+        precision: str | Precision = Precision.FLOAT32,
+        calibration: np.ndarray | None = None,
     ) -> np.ndarray | torch.Tensor:
         """Embed texts.
 
@@ -268,7 +302,7 @@ class AnglE(nn.Module):
 
         Args:
             texts: one text (returns one vector) or a list (returns ``(N, D)``).
-            batch_size: texts per forward pass.
+            batch_size: texts per forward pass (default 32).
             prompt: template for this call, overriding the model's default.
             prompt_name: a named template saved with the model, e.g. ``"query"``.
             normalize: return unit vectors; defaults to the model's setting.
@@ -276,9 +310,16 @@ class AnglE(nn.Module):
                 applied before normalisation.
             to_numpy: return a float32 numpy array, else a float32 CPU tensor.
             show_progress: show a progress bar; by default only on a terminal.
+            max_tokens_per_batch: instead of ``batch_size``, fill each batch of length-sorted
+                texts up to this many padded tokens (rows x longest row), so batches of
+                short texts hold more rows.
+            precision: ``float32``, ``int8``, ``uint8``, ``binary`` or ``ubinary``, applied
+                last (see :mod:`anglekit.quantization`).
+            calibration: ``(M, D)`` embeddings whose per-dimension ranges scale ``int8`` and
+                ``uint8`` outputs; default: the ranges of this call's embeddings.
 
         Returns:
-            The embeddings, float32.
+            The embeddings: float32, or the integer dtype of ``precision``.
         """
         single = isinstance(texts, str)
         batch = [texts] if single else list(texts)
@@ -287,32 +328,33 @@ class AnglE(nn.Module):
             raise TypeError(
                 f"texts must be strings; item {bad[0]} is {type(batch[bad[0]]).__name__}"
             )
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        precision = parse_precision(precision)
+        if batch_size is None and max_tokens_per_batch is None:
+            batch_size = 32
         dim = self.embedding_dim if embedding_size is None else embedding_size
         if not 1 <= dim <= self.embedding_dim:
             raise ValueError(f"embedding_size must be in 1..{self.embedding_dim}, got {dim}")
         ids = self.tokenize(batch, self.template(prompt, prompt_name))
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]), reverse=True)
+        batches = length_sorted_batches([len(x) for x in ids], batch_size, max_tokens_per_batch)
         out = torch.empty(len(ids), self.embedding_dim, dtype=torch.float32)
         show = sys.stderr.isatty() if show_progress is None else show_progress
-        starts = range(0, len(order), batch_size)
-        if show and len(starts) > 1:
+        if show and len(batches) > 1:
             from tqdm.auto import tqdm
 
-            starts = tqdm(starts, desc="encode", unit="batch")
+            batches = tqdm(batches, desc="encode", unit="batch")
         was_training = self.training
         self.eval()
         try:
             with torch.inference_mode():
-                for start in starts:
-                    rows = order[start : start + batch_size]
+                for rows in batches:
                     out[rows] = self(**self.pad([ids[i] for i in rows])).float().cpu()
         finally:
             self.train(was_training)
         out = out[:, :dim]
         if self.config.normalize if normalize is None else normalize:
             out = F.normalize(out, dim=-1)
+        if precision != Precision.FLOAT32 or calibration is not None:
+            out = torch.from_numpy(quantize_embeddings(out.numpy(), precision, calibration))
         if single:
             out = out[0]
         return out.numpy() if to_numpy else out
@@ -339,11 +381,9 @@ class AnglE(nn.Module):
             backbone_state: backbone weights to save instead of the module's own, e.g. the
                 full copy a sharding engine (DeepSpeed ZeRO-3, FSDP) gathers for saving.
         """
-        config = replace(
-            self.config,
-            dtype=_dtype_name(next(self.backbone.parameters()).dtype),
-            version=__version__,
-        )
+        weight = next(self.backbone.parameters(), None)  # None: an ONNX backbone (float32)
+        dtype = torch.float32 if weight is None else weight.dtype
+        config = replace(self.config, dtype=_dtype_name(dtype), version=__version__)
         with atomic_directory(directory) as tmp:
             self.backbone.save_pretrained(tmp, state_dict=backbone_state, safe_serialization=True)
             self.tokenizer.save_pretrained(tmp)

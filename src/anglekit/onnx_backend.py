@@ -1,0 +1,311 @@
+"""The ONNX backend: the backbone exported with ``torch.onnx`` and run by onnxruntime.
+
+Only the backbone (token ids and mask to ``(B, T, H)`` hidden states) goes into the graph;
+tokenisation, prompts, length-sorted batching, pooling and normalisation stay in
+:meth:`AnglE.encode <anglekit.model.AnglE.encode>`, so an ONNX model encodes exactly like
+its torch original. ``quantize="int8"`` applies onnxruntime's dynamic quantisation: weights
+of the matrix multiplications stored as int8, activations quantised per batch at run time
+(fast on CPUs with AVX-512 VNNI or AMX).
+
+A folder saved from an ONNX model holds ``model.onnx``, ``anglekit_onnx.json`` (how it was
+exported), the backbone's ``config.json``, the tokenizer and the anglekit config;
+``AnglE.from_pretrained`` picks the ONNX backend for it by itself.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "ONNX_INFO_NAME",
+    "ONNX_NAME",
+    "Backend",
+    "OnnxBackbone",
+    "OnnxInfo",
+    "Quantization",
+    "load_onnx_backbone",
+]
+
+logger = logging.getLogger(__name__)
+
+ONNX_NAME = "model.onnx"
+ONNX_INFO_NAME = "anglekit_onnx.json"
+OPSET = 17
+INPUTS = ("input_ids", "attention_mask")
+OUTPUT = "last_hidden_state"
+MAX_PROTO_BYTES = 2**31 - 1  # one ONNX protobuf file holds at most 2 GiB
+INSTALL_HINT = 'pip install "anglekit[onnx]"'
+
+
+class Backend(str, Enum):
+    """What runs the backbone: PyTorch, or onnxruntime on an exported graph (CPU)."""
+
+    TORCH = "torch"
+    ONNX = "onnx"
+
+
+class Quantization(str, Enum):
+    """Weight quantisation of an ONNX graph."""
+
+    INT8 = "int8"  # onnxruntime dynamic quantisation, int8 weights
+
+
+@dataclass(frozen=True)
+class OnnxInfo:
+    """How an ONNX graph was made (``anglekit_onnx.json``).
+
+    Attributes:
+        file: the graph's file name in the folder.
+        quantize: ``"int8"`` for a dynamically quantised graph, else ``None``.
+        opset: the ONNX opset it was exported with.
+        inputs: input names, in order.
+        output: output name (the last hidden states).
+    """
+
+    file: str = ONNX_NAME
+    quantize: str | None = None
+    opset: int = OPSET
+    inputs: tuple[str, ...] = INPUTS
+    output: str = OUTPUT
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str) -> OnnxInfo:
+        """Build from saved values; unknown keys or a foreign layout raise."""
+        from anglekit.config import from_saved_dict
+
+        info = from_saved_dict(cls, values, source, "ONNX export")
+        info = OnnxInfo(**{**asdict(info), "inputs": tuple(info.inputs)})
+        if info.inputs != INPUTS or info.output != OUTPUT:
+            raise ValueError(
+                f"{source}: expected inputs {list(INPUTS)} and output {OUTPUT!r}, got "
+                f"{list(info.inputs)} and {info.output!r}"
+            )
+        if info.quantize is not None:
+            parse_quantization(info.quantize)
+        return info
+
+
+def parse_backend(value: str | Backend) -> Backend:
+    """A :class:`Backend` from its name; unknown names raise, listing the valid ones."""
+    try:
+        return Backend(value)
+    except ValueError:
+        valid = ", ".join(b.value for b in Backend)
+        raise ValueError(f"unknown backend {value!r}; valid: {valid}") from None
+
+
+def parse_quantization(value: str | Quantization) -> Quantization:
+    """A :class:`Quantization` from its name; unknown names raise."""
+    try:
+        return Quantization(value)
+    except ValueError:
+        valid = ", ".join(q.value for q in Quantization)
+        raise ValueError(f"unknown quantize {value!r}; valid: {valid}") from None
+
+
+def _onnxruntime() -> Any:
+    try:
+        import onnxruntime
+    except ImportError as e:
+        raise ImportError(f"the ONNX backend needs onnxruntime and onnx: {INSTALL_HINT}") from e
+    return onnxruntime
+
+
+class _HiddenStates(nn.Module):
+    """The backbone as a function of ``(input_ids, attention_mask)`` only, for tracing."""
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        kwargs = {"use_cache": False} if getattr(self.backbone.config, "use_cache", False) else {}
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        return out.last_hidden_state  # (B, T, H)
+
+
+def export_backbone(backbone: nn.Module) -> bytes:
+    """Trace a Hugging Face backbone to an ONNX graph with dynamic batch and length axes.
+
+    Uses the TorchScript-based ``torch.onnx.export``, whose graphs onnxruntime's optimiser
+    fuses (attention, layer norm, GELU) best.
+
+    Returns:
+        The serialised ``ModelProto``.
+    """
+    size = sum(p.numel() * p.element_size() for p in backbone.parameters())
+    if size >= MAX_PROTO_BYTES:
+        raise ValueError(
+            f"the backbone has {size / 2**30:.1f} GiB of weights; an ONNX export holds at most "
+            "2 GiB in one file, so use the torch backend for this model"
+        )
+    vocab = int(backbone.config.vocab_size)
+    input_ids = torch.arange(16).reshape(2, 8) % vocab  # (2, 8)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 5:] = 0  # one padded row, so masking is traced
+    axes = {0: "batch", 1: "sequence"}
+    module = _HiddenStates(backbone).float().eval()
+    with tempfile.TemporaryDirectory(prefix="anglekit-onnx-") as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about Python control flow
+        path = Path(tmp) / ONNX_NAME
+        torch.onnx.export(
+            module,
+            (input_ids, attention_mask),
+            str(path),
+            input_names=list(INPUTS),
+            output_names=[OUTPUT],
+            dynamic_axes={name: axes for name in (*INPUTS, OUTPUT)},
+            opset_version=OPSET,
+            dynamo=False,
+        )
+        return path.read_bytes()
+
+
+def quantize_int8(model: bytes) -> bytes:
+    """Dynamic int8 quantisation of an ONNX graph with onnxruntime's quantiser.
+
+    Only the matrix multiplications with constant weights are quantised: int8 weights with
+    one scale per output channel, activations uint8 with a range taken from each batch at
+    run time (so int8 outputs depend slightly on which texts share a batch). onnxruntime
+    runs them with VNNI/AMX integer kernels; embedding tables stay float32. On
+    all-MiniLM-L6-v2 this measured 81.85 STS-B test Spearman against 82.03 in float32
+    (batch 64); one scale per weight tensor was a little faster and lost 0.25-0.4 points.
+    """
+    _onnxruntime()
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory(prefix="anglekit-quant-") as tmp:
+        source, target = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        source.write_bytes(model)
+        quantize_dynamic(
+            source,
+            target,
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            op_types_to_quantize=["MatMul"],
+            extra_options={"MatMulConstBOnly": True},
+        )
+        return target.read_bytes()
+
+
+def session_options(threads: int | None = None) -> Any:
+    """onnxruntime settings for embedding: all graph fusions, one sequential stream.
+
+    Args:
+        threads: intra-op threads; default torch's thread count, so both backends get the
+            same cores (``OMP_NUM_THREADS`` and ``torch.set_num_threads`` apply to both).
+    """
+    ort = _onnxruntime()
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    return options
+
+
+class OnnxBackbone(nn.Module):
+    """A backbone run by onnxruntime, with the ``AutoModel`` interface ``AnglE`` uses.
+
+    ``forward(input_ids=, attention_mask=)`` returns an object with ``last_hidden_state``
+    (a float32 CPU tensor); ``config`` is the Hugging Face config; ``save_pretrained`` writes
+    the graph beside that config.
+
+    Args:
+        model: the serialised ONNX graph.
+        config: the backbone's Hugging Face config.
+        info: how the graph was made.
+        threads: onnxruntime intra-op threads (default: torch's).
+    """
+
+    def __init__(self, model: bytes, config: Any, info: OnnxInfo, threads: int | None = None):
+        super().__init__()
+        ort = _onnxruntime()
+        self.model = model
+        self.config = config
+        self.info = info
+        self.session = ort.InferenceSession(
+            model, sess_options=session_options(threads), providers=["CPUExecutionProvider"]
+        )
+
+    @classmethod
+    def from_torch(cls, backbone: nn.Module, quantize: str | Quantization | None = None):
+        """Export a torch backbone (and quantise it when asked)."""
+        model = export_backbone(backbone)
+        level = None if quantize is None else parse_quantization(quantize)
+        if level is Quantization.INT8:
+            model = quantize_int8(model)
+        info = OnnxInfo(quantize=None if level is None else level.value)
+        logger.info("exported the backbone to ONNX (%s)", level.value if level else "float32")
+        return cls(model, backbone.config, info)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any):
+        """``(B, T)`` ids and mask to ``last_hidden_state`` ``(B, T, H)`` float32."""
+        from transformers.modeling_outputs import BaseModelOutput
+
+        if kwargs:
+            raise TypeError(f"the ONNX backbone takes no {sorted(kwargs)}")
+        feeds = {
+            "input_ids": input_ids.cpu().numpy(),
+            "attention_mask": attention_mask.cpu().numpy(),
+        }
+        (hidden,) = self.session.run([OUTPUT], feeds)  # (B, T, H)
+        return BaseModelOutput(last_hidden_state=torch.from_numpy(hidden))
+
+    def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
+        """ONNX graphs are for inference only."""
+        raise RuntimeError("an ONNX backbone cannot be trained; load the torch model instead")
+
+    def save_pretrained(self, directory: str | Path, **kwargs: Any) -> None:
+        """Write ``model.onnx``, ``anglekit_onnx.json`` and the Hugging Face ``config.json``."""
+        directory = Path(directory)
+        (directory / self.info.file).write_bytes(self.model)
+        info = {**asdict(self.info), "inputs": list(self.info.inputs)}
+        (directory / ONNX_INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
+        self.config.save_pretrained(directory)
+
+
+def load_onnx_backbone(
+    path: str,
+    hf_config: Any,
+    saved: dict[str, Any] | None,
+    *,
+    quantize: str | Quantization | None = None,
+    trust_remote_code: bool = False,
+) -> OnnxBackbone:
+    """The ONNX backbone of a model folder: its saved graph, or a fresh export.
+
+    Args:
+        path: the model folder (or hub id, for a fresh export).
+        hf_config: the backbone's Hugging Face config.
+        saved: the folder's ``anglekit_onnx.json`` values, or ``None`` when it has no graph.
+        quantize: ``"int8"`` to quantise; a saved float32 graph is quantised on load.
+        trust_remote_code: passed to ``AutoModel`` for a fresh export.
+    """
+    level = None if quantize is None else parse_quantization(quantize)
+    if saved is None:
+        from transformers import AutoModel
+
+        backbone = AutoModel.from_pretrained(
+            path, config=hf_config, dtype=torch.float32, trust_remote_code=trust_remote_code
+        )
+        return OnnxBackbone.from_torch(backbone, level)
+    info = OnnxInfo.from_dict(saved, source=f"{path}/{ONNX_INFO_NAME}")
+    file = Path(path) / info.file
+    if not file.is_file():
+        raise FileNotFoundError(f"{path}/{ONNX_INFO_NAME} names {info.file}, which is missing")
+    model = file.read_bytes()
+    if level is Quantization.INT8 and info.quantize is None:
+        model = quantize_int8(model)
+        info = OnnxInfo(**{**asdict(info), "quantize": level.value})
+    return OnnxBackbone(model, hf_config, info)
