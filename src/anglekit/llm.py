@@ -224,11 +224,17 @@ def lora_settings(backbone: nn.Module) -> LoraSettings:
     )
 
 
+def is_kbit(backbone: nn.Module) -> bool:
+    """Whether the (base) weights were quantised while loading (bitsandbytes)."""
+    base = backbone.get_base_model() if is_lora(backbone) else backbone
+    return getattr(base, "hf_quantizer", None) is not None
+
+
 def merge_lora(backbone: nn.Module) -> nn.Module:
     """Fold the adapter into the weights: ``W + (alpha / r) B A``; returns the plain body."""
     if not is_lora(backbone):
         raise ValueError("the backbone has no LoRA adapter to merge")
-    if getattr(backbone.get_base_model(), "is_quantized", False):
+    if is_kbit(backbone):
         raise ValueError("a k-bit backbone cannot be merged; load it in bf16/fp32 to merge")
     return backbone.merge_and_unload()
 
@@ -357,7 +363,7 @@ def prepare_lora_training(model: Any, settings: LoraSettings, gradient_checkpoin
         for name, p in backbone.named_parameters():
             p.requires_grad_("lora_" in name)
     else:
-        if getattr(backbone, "is_quantized", False):
+        if is_kbit(backbone):
             backbone = prepare_kbit_training(backbone, gradient_checkpointing)
         backbone = apply_lora(backbone, settings)
     model.backbone = backbone
