@@ -22,7 +22,14 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = _llm.gguf_file()
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # transformers refuses to save a model it loaded from GGUF; copy the dequantised
+    # weights into a plain model of the same config.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):  # it names gguf, which no loader should see
+        del config.quantization_config
+    model = type(loaded)(config)
+    model.load_state_dict(loaded.state_dict())
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
