@@ -24,23 +24,24 @@ import torch
 from torch import nn
 
 __all__ = [
-    "ADAPTER_CONFIG",
-    "ADAPTER_WEIGHTS",
     "LoraSettings",
     "apply_lora",
+    "backbone_load_options",
     "enable_bidirectional",
+    "is_kbit",
     "is_lora",
     "kbit_config",
     "load_adapter",
     "load_adapter_weights",
+    "lora_settings",
     "merge_lora",
     "prepare_kbit_training",
+    "prepare_lora_training",
 ]
 
 logger = logging.getLogger(__name__)
 
 ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 KBITS = (4, 8)
 LLM_EXTRA = 'pip install "anglekit[llm]"'
 
@@ -161,10 +162,9 @@ def load_adapter_weights(backbone: nn.Module, folder: str | Path) -> None:
     Raises:
         RuntimeError: when the file lacks any of the backbone's adapter tensors.
     """
-    peft = _import_peft()
+    _import_peft()  # the clear error when the extra is missing
     from peft.utils import load_peft_weights, set_peft_model_state_dict
 
-    del peft
     state = load_peft_weights(str(folder), device="cpu")
     state = _remap_causal_lm_keys(state, _body_prefix(backbone.get_base_model()))
     result = set_peft_model_state_dict(backbone, state)
