@@ -28,6 +28,8 @@ TRAIN_EXAMPLES = """examples:
       --dev-data stsb:dev --epochs 1 --bf16 --ibn-threshold 4
   anglekit train --train-data nli.triplets.jsonl --column-map anchor=query \\
       --max-steps 1000 --batch-size 64 --output-dir runs/nli --resume
+  anglekit train --model Qwen/Qwen2-0.5B --lora --lora-r 32 --prompt A --pooling last \\
+      --learning-rate 2e-4 --train-data nli.triplets.jsonl   # an LLM with a LoRA adapter
 """
 EVAL_EXAMPLES = """examples:
   anglekit eval sentence-transformers/all-MiniLM-L6-v2 runs/anglekit/model   # STS-B test
