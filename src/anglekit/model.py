@@ -149,9 +149,9 @@ class AnglE(nn.Module):
         Settings saved with the model (``anglekit_config.json``) are used unless an argument
         overrides them. A sentence-transformers folder lends its pooling and max length. A
         folder saved with a LoRA adapter only loads its backbone (``adapter_base``) and then
-        the adapter. The
-        model card data (``anglekit_card.json``) is read into ``card_data``; a model without
-        one gets a card naming it as the base model, with the license of its README.md.
+        the adapter. The model card data (``anglekit_card.json``) is read into ``card_data``;
+        a model without one gets a card naming it as the base model, with the license of its
+        README.md.
 
         Args:
             name_or_path: a local folder or a hub id; ``all-MiniLM-L6-v2`` loads from its
@@ -234,7 +234,7 @@ class AnglE(nn.Module):
         )
         # An adapter-only save has its own tokenizer files; a GGUF file carries its tokenizer.
         tokenizer = AutoTokenizer.from_pretrained(
-            path if adapter_only or not gguf_file else base_path,
+            path,
             gguf_file=None if adapter_only else gguf_file,
             trust_remote_code=trust_remote_code,
         )
