@@ -75,6 +75,9 @@ def worker_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--zero-shot", action="store_true", help="also score before training")
     parser.add_argument("--precision", default="auto", help="anglekit only: auto, fp32, bf16")
     parser.add_argument("--test-limit", type=int, default=0, help="smoke runs: first N pairs")
+    parser.add_argument(
+        "--gradient-checkpointing", action="store_true", help="anglekit only: recompute activations"
+    )
     return parser
 
 

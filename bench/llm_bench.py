@@ -44,6 +44,7 @@ class LlmConfig:
     tasks: tuple[str, ...]
     threads: int
     test_limit: int = 0
+    gradient_checkpointing: bool = False
     batch_size: int = 16
     max_length: int = 64
     learning_rate: float = 2e-4
@@ -101,6 +102,8 @@ def bench_system(system: str, config: LlmConfig) -> list[dict]:
         python = _common.venv_python(_common.PROJECT_VENV)
         script = "anglekit_llm_train.py"
         extra = ["--precision", "fp32" if system == "anglekit-fp32" else "auto"]
+        if config.gradient_checkpointing:
+            extra.append("--gradient-checkpointing")
     rows = []
     for task in config.tasks:
         name = f"{system} {task}"
@@ -167,6 +170,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="score on the first N STS-B test pairs only (smoke runs; default: all 1,379)",
     )
     parser.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="anglekit rows recompute activations in the backward pass (less memory, slower)",
+    )
+    parser.add_argument(
         "--tasks",
         type=lambda value: tuple(_common.selection(value, _llm.TASKS)),
         default=_llm.TASKS,
@@ -179,6 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         tasks=args.tasks,
         threads=args.threads,
         test_limit=args.test_limit,
+        gradient_checkpointing=args.gradient_checkpointing,
     )
     ensure_hf_folder(args.threads)
     runners = {system: (lambda s=system: bench_system(s, config)) for system in SYSTEMS}
