@@ -171,6 +171,7 @@ def test_lora_training_saves_an_adapter_that_reloads_with_no_arguments(arch, tmp
     assert saved["adapter_base"] == str(base.resolve())
     assert saved["prompt"] == Prompts.A and saved["pooling"] == "last"
     assert saved["padding_side"] == "left"
+    assert "library_name: anglekit" in (folder / "README.md").read_text()  # not peft's card
 
     trained = AnglE.from_pretrained(str(folder))
     assert trained.config.prompt == Prompts.A and trained.config.padding_side == "left"

@@ -402,6 +402,8 @@ class AnglE(nn.Module):
             config = replace(config, lora=None, adapter_base=None, gguf_file=None)
         with atomic_directory(directory) as tmp:
             self.backbone.save_pretrained(tmp, safe_serialization=True)
+            if config.lora is not None:  # peft writes a stub card; the anglekit card replaces it
+                (Path(tmp) / "README.md").unlink(missing_ok=True)
             self.tokenizer.save_pretrained(tmp)
             config.save(tmp)
             card = replace(self.card_data, embedding_dim=self.embedding_dim, readme_sha256=None)
