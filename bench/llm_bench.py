@@ -14,7 +14,8 @@ Reported per system and task: STS-B test Spearman x100 (cosine) zero-shot and af
 training, training pairs (or triplets) per second, the ratio to angle-emb's, and the peak
 resident memory of the worker process. angle-emb trains in fp32 (its default); anglekit
 with its default precision (bf16 autocast where the CPU runs bf16 natively), plus an fp32
-row (``anglekit-fp32``) for a like-for-like comparison.
+row (``anglekit-fp32``) for a like-for-like comparison; both with gradient checkpointing
+unless ``--no-gradient-checkpointing``.
 
 Example:
     .venv/bin/python bench/llm_bench.py
@@ -23,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,7 +46,7 @@ class LlmConfig:
     tasks: tuple[str, ...]
     threads: int
     test_limit: int = 0
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = True
     batch_size: int = 16
     max_length: int = 64
     learning_rate: float = 2e-4
@@ -171,8 +173,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--gradient-checkpointing",
-        action="store_true",
-        help="anglekit rows recompute activations in the backward pass (less memory, slower)",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="anglekit rows recompute activations in the backward pass: peak memory is set by "
+        "the longest batch's activations, which this cuts to about one layer's (default: on)",
     )
     parser.add_argument(
         "--tasks",
