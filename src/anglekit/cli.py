@@ -31,6 +31,8 @@ TRAIN_EXAMPLES = """examples:
       --max-steps 1000 --batch-size 64 --output-dir runs/nli --resume
   torchrun --nproc-per-node 8 -m anglekit train --train-data big.jsonl --streaming \\
       --max-steps 50000 --batch-size 512 --gradcache-chunk-size 64 --gather-across-devices
+  anglekit train --model Qwen/Qwen2-0.5B --lora --lora-r 32 --prompt A --pooling last \\
+      --learning-rate 2e-4 --train-data nli.triplets.jsonl   # an LLM with a LoRA adapter
 """
 EVAL_EXAMPLES = """examples:
   anglekit eval sentence-transformers/all-MiniLM-L6-v2 runs/anglekit/model   # STS-B test

@@ -59,6 +59,11 @@ class AngleConfig:
         padding_side: where the tokenizer pads.
         base_model: the model the weights were trained from, for reference.
         version: the anglekit version that wrote the config.
+        lora: LoRA settings (``r``, ``alpha``, ``dropout``, ``target_modules``) when the
+            folder holds an adapter rather than full weights.
+        adapter_base: the backbone (folder or hub id) the saved adapter applies to.
+        gguf_file: the GGUF file in ``adapter_base`` that backbone loads from.
+        bidirectional_from: decoder layers from this index on attend in both directions.
     """
 
     pooling: Pooling | int = Pooling.CLS
@@ -71,6 +76,10 @@ class AngleConfig:
     padding_side: str = "right"
     base_model: str | None = None
     version: str | None = None
+    lora: dict[str, Any] | None = None
+    adapter_base: str | None = None
+    gguf_file: str | None = None
+    bidirectional_from: int | None = None
 
     def __post_init__(self) -> None:
         self.pooling = parse_pooling(self.pooling)
@@ -81,6 +90,14 @@ class AngleConfig:
             raise ValueError(f"max_length must be a positive integer, got {self.max_length!r}")
         if self.padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {self.padding_side!r}")
+        if self.bidirectional_from is not None and (
+            not isinstance(self.bidirectional_from, int) or self.bidirectional_from < 0
+        ):
+            raise ValueError(
+                f"bidirectional_from must be a layer index >= 0, got {self.bidirectional_from!r}"
+            )
+        if self.lora is not None and self.adapter_base is None:
+            raise ValueError("a config with LoRA settings must name its adapter_base")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready values (enums as their strings)."""

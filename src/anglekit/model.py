@@ -101,8 +101,12 @@ def _sentence_transformers_defaults(path: str) -> dict[str, Any]:
 
 
 def _is_decoder(hf_config: Any) -> bool:
+    """Whether the saved architecture is a causal LM (``*ForCausalLM``, ``GPT2LMHeadModel``)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
     architectures = getattr(hf_config, "architectures", None) or []
-    return any(a.endswith("ForCausalLM") for a in architectures)
+    return any(a.endswith("ForCausalLM") or a in causal for a in architectures)
 
 
 class AnglE(nn.Module):
@@ -122,6 +126,7 @@ class AnglE(nn.Module):
         self.config = config
         self.card_data = CardData(base_model=config.base_model)  # what the model card states
         self.name_or_path: str | None = None  # set by from_pretrained
+        self.base_path: str | None = None  # the backbone's own folder or hub id, likewise
         if tokenizer.pad_token_id is None:
             if tokenizer.eos_token is None:
                 raise ValueError("the tokenizer has neither a pad nor an eos token to pad with")
@@ -143,13 +148,20 @@ class AnglE(nn.Module):
         trust_remote_code: bool = False,
         backend: str | Backend | None = None,
         quantize: str | Quantization | None = None,
+        pretrained_lora_path: str | None = None,
+        gguf_file: str | None = None,
+        load_kbit: int | None = None,
+        bidirectional_from: int | None = None,
+        padding_side: str | None = None,
     ) -> AnglE:
         """Load a backbone (local folder or hub id) and its anglekit settings.
 
         Settings saved with the model (``anglekit_config.json``) are used unless an argument
-        overrides them. A sentence-transformers folder lends its pooling and max length. The
-        model card data (``anglekit_card.json``) is read into ``card_data``; a model without
-        one gets a card naming it as the base model, with the license of its README.md.
+        overrides them. A sentence-transformers folder lends its pooling and max length. A
+        folder saved with a LoRA adapter only loads its backbone (``adapter_base``) and then
+        the adapter. The model card data (``anglekit_card.json``) is read into ``card_data``;
+        a model without one gets a card naming it as the base model, with the license of its
+        README.md.
 
         Args:
             name_or_path: a local folder or a hub id; ``all-MiniLM-L6-v2`` loads from its
@@ -167,6 +179,14 @@ class AnglE(nn.Module):
                 :mod:`anglekit.onnx_backend`); default: ``onnx`` for a folder saved from an
                 ONNX model, else ``torch``.
             quantize: ``int8`` for dynamic int8 quantisation of the ONNX graph.
+            pretrained_lora_path: a LoRA adapter (folder or hub id, saved by peft) to apply
+                to the backbone; needs ``anglekit[llm]``.
+            gguf_file: load the backbone from this GGUF file inside ``name_or_path``
+                (dequantised to ``dtype``).
+            load_kbit: quantise the backbone to 4-bit NF4 or 8-bit (bitsandbytes, CUDA only).
+            bidirectional_from: decoder layers from this index on attend to every token
+                (Llama, Mistral, Qwen2); saved with the model.
+            padding_side: ``left`` or ``right``.
 
         Returns:
             The embedder, in eval mode.
@@ -176,15 +196,23 @@ class AnglE(nn.Module):
         path = resolve_model_path(name_or_path)
         saved = _read_json(path, CONFIG_NAME)
         config = AngleConfig.from_dict(saved, source=f"{path}/{CONFIG_NAME}") if saved else None
+        base_path, adapter, adapter_only = path, pretrained_lora_path, False
+        if config is not None and config.adapter_base is not None:  # an adapter-only save
+            if adapter is not None:
+                raise ValueError(f"{path} already holds a LoRA adapter; drop pretrained_lora_path")
+            base_path, adapter, adapter_only = resolve_model_path(config.adapter_base), path, True
+            gguf_file = gguf_file or config.gguf_file
         saved_card = _read_json(path, CARD_DATA_NAME)
         card = (
             CardData.from_dict(saved_card, source=f"{path}/{CARD_DATA_NAME}")
             if saved_card
             else None
         )
-        hf_config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        hf_config = AutoConfig.from_pretrained(
+            base_path, gguf_file=gguf_file, trust_remote_code=trust_remote_code
+        )
         if config is None:
-            decoder = _is_decoder(hf_config)
+            decoder = gguf_file is not None or _is_decoder(hf_config)  # GGUF holds LLMs
             limit = getattr(hf_config, "max_position_embeddings", 512) or 512
             config = AngleConfig(
                 pooling=Pooling.LAST if decoder else Pooling.CLS,
@@ -200,6 +228,9 @@ class AnglE(nn.Module):
             "prompt": resolve_prompt(prompt),
             "prompts": prompts,
             "normalize": normalize,
+            "padding_side": padding_side,
+            "bidirectional_from": bidirectional_from,
+            "gguf_file": gguf_file,
         }
         config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
         onnx_saved = _read_json(path, ONNX_INFO_NAME)
@@ -207,6 +238,11 @@ class AnglE(nn.Module):
         if backend is Backend.ONNX:
             if _parse_dtype(dtype) not in (None, torch.float32) or str(device or "cpu") != "cpu":
                 raise ValueError("the ONNX backend runs in float32 on the CPU; drop dtype/device")
+            if adapter is not None or gguf_file or load_kbit:
+                raise ValueError(
+                    "the ONNX backend exports plain weights: save the model with merge_lora "
+                    "(no adapter, GGUF file or k-bit loading) and export that folder"
+                )
             torch_dtype, device = torch.float32, "cpu"
             backbone = load_onnx_backbone(
                 path, hf_config, onnx_saved, quantize=quantize, trust_remote_code=trust_remote_code
@@ -218,15 +254,38 @@ class AnglE(nn.Module):
             )
         else:
             torch_dtype = _parse_dtype(dtype) or DTYPES[config.dtype]
+            device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+            llm_options: dict[str, Any] = {}
+            if gguf_file or load_kbit or adapter or config.bidirectional_from is not None:
+                from anglekit import llm
+
+                llm_options = llm.backbone_load_options(
+                    gguf_file, load_kbit, torch_dtype, str(device)
+                )
             backbone = AutoModel.from_pretrained(
-                path, config=hf_config, dtype=torch_dtype, trust_remote_code=trust_remote_code
+                base_path,
+                config=hf_config,
+                dtype=torch_dtype,
+                trust_remote_code=trust_remote_code,
+                **llm_options,
             )
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+            if config.bidirectional_from is not None:
+                llm.enable_bidirectional(backbone, config.bidirectional_from)
+            if adapter is not None:
+                backbone = llm.load_adapter(backbone, adapter)
+        # An adapter-only save has its own tokenizer files; a GGUF file carries its tokenizer.
+        tokenizer = AutoTokenizer.from_pretrained(
+            path,
+            gguf_file=None if adapter_only else gguf_file,
+            trust_remote_code=trust_remote_code,
+        )
         config = replace(config, dtype=_dtype_name(torch_dtype))
         model = cls(backbone, tokenizer, config)
         model.card_data = card or CardData(base_model=config.base_model)
         model.name_or_path = name_or_path
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model.base_path = str(Path(base_path).resolve()) if Path(base_path).is_dir() else base_path
+        if load_kbit:  # placed while loading; k-bit weights cannot be moved
+            return model.eval()
         return model.to(device).eval()
 
     @property
@@ -246,8 +305,12 @@ class AnglE(nn.Module):
         return pool(hidden, attention_mask, self.config.pooling)  # (B, H)
 
     def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
-        """Trade compute for memory in training (delegates to the backbone)."""
+        """Trade compute for memory in training (delegates to the backbone). With frozen
+        embeddings (LoRA), the embedding output is made to require grads so that checkpointed
+        layers still pass gradients to the adapters."""
         self.backbone.gradient_checkpointing_enable(**kwargs)
+        if not all(p.requires_grad for p in self.backbone.parameters()):
+            self.backbone.enable_input_require_grads()
 
     def template(self, prompt: str | None = None, prompt_name: str | None = None) -> str | None:
         """The prompt template ``encode`` applies: explicit, named, or the default."""
@@ -384,8 +447,17 @@ class AnglE(nn.Module):
         weight = next(self.backbone.parameters(), None)  # None: an ONNX backbone (float32)
         dtype = torch.float32 if weight is None else weight.dtype
         config = replace(self.config, dtype=_dtype_name(dtype), version=__version__)
+        if hasattr(self.backbone, "peft_config"):  # a LoRA model saves its adapter only
+            from anglekit.llm import lora_settings
+
+            base = self.base_path or self.backbone.get_base_model().name_or_path
+            config = replace(config, lora=lora_settings(self.backbone).to_dict(), adapter_base=base)
+        else:
+            config = replace(config, lora=None, adapter_base=None, gguf_file=None)
         with atomic_directory(directory) as tmp:
             self.backbone.save_pretrained(tmp, state_dict=backbone_state, safe_serialization=True)
+            if config.lora is not None:  # peft writes a stub card; the anglekit card replaces it
+                (Path(tmp) / "README.md").unlink(missing_ok=True)
             self.tokenizer.save_pretrained(tmp)
             config.save(tmp)
             card = replace(self.card_data, embedding_dim=self.embedding_dim, readme_sha256=None)

@@ -102,6 +102,23 @@ class TrainOptions:
     )
     shuffle_buffer: int = _opt(10_000, "examples in the streaming shuffle buffer")
     dataloader_workers: int = _opt(0, "data loading worker processes")
+    dtype: str | None = _opt(
+        None, "weight dtype: float32, bfloat16 or float16; default: the model's"
+    )
+    padding_side: str | None = _opt(None, "pad on the left or right; default: the model's")
+    lora: bool = _opt(False, "train a LoRA adapter (peft) instead of all weights")
+    lora_r: int = _opt(32, "LoRA rank")
+    lora_alpha: float = _opt(32.0, "LoRA alpha (the update is scaled by alpha / r)")
+    lora_dropout: float = _opt(0.1, "dropout on the LoRA input")
+    lora_target_modules: str | None = _opt(
+        None, "comma-separated module names to adapt; default: every linear layer"
+    )
+    merge_lora: bool = _opt(False, "save the final model with the adapter merged into its weights")
+    load_kbit: int | None = _opt(None, "load the backbone in 4 or 8 bits (QLoRA; CUDA only)")
+    bidirectional_from: int | None = _opt(
+        None, "decoder layers from this index on attend in both directions (Llama/Mistral/Qwen2)"
+    )
+    gguf_file: str | None = _opt(None, "load the backbone from this GGUF file inside --model")
 
     def __post_init__(self) -> None:
         problems = []
@@ -130,6 +147,8 @@ class TrainOptions:
             problems.append("streaming data has no length: set max_steps")
         if self.bf16 and self.fp16:
             problems.append("choose bf16 or fp16, not both")
+        if self.load_kbit is not None and not self.lora:
+            problems.append("k-bit weights cannot be trained directly; add lora")
         if problems:
             raise ValueError("invalid training options: " + "; ".join(problems))
 
@@ -335,6 +354,11 @@ def _load_backbone_weights(model: AnglE, checkpoint: str) -> None:
     """Load a checkpoint's backbone weights (written by ``save_pretrained``) in place."""
     from safetensors.torch import load_file
 
+    if hasattr(model.backbone, "peft_config"):  # a LoRA checkpoint holds the adapter only
+        from anglekit.llm import load_adapter_weights
+
+        load_adapter_weights(model.backbone, checkpoint)
+        return
     files = sorted(Path(checkpoint).glob("model*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no model*.safetensors in checkpoint {checkpoint}")
@@ -397,20 +421,29 @@ def fit(
     else:
         data = load_train_data(opts.train_data, column_map=opts.column_map)
     dev = load_sts(opts.dev_data) if opts.dev_data else None
+    loading = (
+        "pooling", "max_length", "prompt", "dtype", "padding_side", "load_kbit",
+        "bidirectional_from", "gguf_file",
+    )  # fmt: skip
     if isinstance(model, AnglE):
-        ignored = [n for n in ("pooling", "max_length", "prompt") if getattr(opts, n) is not None]
+        ignored = [n for n in loading if getattr(opts, n) is not None]
         if ignored:
             raise ValueError(
                 f"{', '.join(ignored)} only apply when fit loads the model; the AnglE object "
                 "given carries its own (set them with AnglE.from_pretrained)"
             )
     else:
-        model = AnglE.from_pretrained(
-            opts.model,
-            pooling=opts.pooling,
-            max_length=opts.max_length,
-            prompt=opts.prompt,
+        model = AnglE.from_pretrained(opts.model, **{n: getattr(opts, n) for n in loading})
+    if opts.lora or hasattr(model.backbone, "peft_config"):
+        from anglekit.llm import LoraSettings, prepare_lora_training
+
+        settings = LoraSettings(
+            r=opts.lora_r,
+            alpha=opts.lora_alpha,
+            dropout=opts.lora_dropout,
+            target_modules=LoraSettings.parse_targets(opts.lora_target_modules),
         )
+        prepare_lora_training(model, settings, opts.gradient_checkpointing)
     if data is None:
         dataset = StreamingDataset(
             opts.train_data,
@@ -519,6 +552,10 @@ def fit(
         logger.info("final model: dev spearman %.2f", corr.spearman)
         model.card_data.record_eval(final_dev, opts.dev_data, MEASURED_BY_TRAIN)
     main_process = trainer.is_world_process_zero()  # under torchrun, only it writes files
+    if opts.merge_lora:
+        from anglekit.llm import merge_lora
+
+        model.backbone = merge_lora(model.backbone)
     trainer.save_model(str(final))  # every process: sharded engines gather the weights
     seconds = output.metrics["train_runtime"] - trainer.eval_seconds
     examples = trainer.state.global_step * global_batch_size(opts, args.world_size)
