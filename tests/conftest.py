@@ -15,13 +15,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
-def write_wordpiece_vocab(folder: Path) -> Path:
+def wordpiece_vocab() -> dict[str, int]:
     """A character-level WordPiece vocabulary: any lowercase word tokenises."""
     chars = list(string.ascii_lowercase + string.digits + ".,!?'\"-:{}")
-    vocab = SPECIALS + chars + ["##" + c for c in chars]
-    path = folder / "vocab.txt"
-    path.write_text("\n".join(vocab) + "\n")
-    return path
+    return {w: i for i, w in enumerate(SPECIALS + chars + ["##" + c for c in chars])}
 
 
 def build_tiny_bert(folder: Path, seed: int = 0) -> Path:
@@ -30,7 +27,7 @@ def build_tiny_bert(folder: Path, seed: int = 0) -> Path:
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
     folder.mkdir(parents=True, exist_ok=True)
-    tokenizer = BertTokenizerFast(vocab_file=str(write_wordpiece_vocab(folder)))
+    tokenizer = BertTokenizerFast(vocab=wordpiece_vocab())
     torch.manual_seed(seed)
     config = BertConfig(
         vocab_size=tokenizer.vocab_size,
