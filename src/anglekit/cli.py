@@ -83,6 +83,7 @@ def add_options(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The ``anglekit`` argument parser."""
     from anglekit import __version__
+    from anglekit.espresso import EspressoConfig
     from anglekit.losses import LossConfig
     from anglekit.training import TrainOptions
 
@@ -102,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_options(train, TrainOptions, "training")
     add_options(train, LossConfig, "loss (see anglekit.losses)")
+    add_options(train, EspressoConfig, "fewer layers and dimensions (see anglekit.espresso)")
 
     ev = sub.add_parser(
         "eval", help="Spearman x100 on STS tasks", epilog=EVAL_EXAMPLES, formatter_class=fmt
@@ -171,10 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from anglekit.losses import LossConfig
-    from anglekit.training import TrainOptions, fit
+    from anglekit.training import OPTION_GROUPS, fit
 
-    names = [f.name for f in fields(TrainOptions)] + [f.name for f in fields(LossConfig)]
+    names = [f.name for group in OPTION_GROUPS for f in fields(group)]
     result = fit(**{name: getattr(args, name) for name in names})
     line = f"model saved to {result.model_dir} ({result.steps} steps, "
     line += f"{result.train_examples_per_s:.1f} examples/s"

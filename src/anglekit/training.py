@@ -23,6 +23,7 @@ from anglekit._files import atomic_file
 from anglekit.batching import AngleCollator, TokenizedDataset
 from anglekit.card import MEASURED_BY_TRAIN, CardData, training_options
 from anglekit.data import TrainData, load_sts, load_train_data
+from anglekit.espresso import EspressoConfig, EspressoLoss
 from anglekit.losses import AngleLoss, LossConfig
 from anglekit.model import DEFAULT_MODEL, AnglE
 
@@ -124,19 +125,16 @@ class TrainResult:
     best_step: int | None
 
 
-def split_options(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Split keyword arguments into TrainOptions and LossConfig ones; unknown names raise."""
-    train_names = {f.name for f in fields(TrainOptions)}
-    loss_names = {f.name for f in fields(LossConfig)}
-    unknown = sorted(set(kwargs) - train_names - loss_names)
+OPTION_GROUPS = (TrainOptions, LossConfig, EspressoConfig)
+
+
+def split_options(kwargs: dict[str, Any]) -> tuple[dict[str, Any], ...]:
+    """Split keyword arguments by :data:`OPTION_GROUPS`; unknown names raise."""
+    names = [{f.name for f in fields(group)} for group in OPTION_GROUPS]
+    unknown = sorted(set(kwargs).difference(*names))
     if unknown:
-        raise TypeError(
-            f"unknown training option(s) {unknown}; valid: {sorted(train_names | loss_names)}"
-        )
-    return (
-        {k: v for k, v in kwargs.items() if k in train_names},
-        {k: v for k, v in kwargs.items() if k in loss_names},
-    )
+        raise TypeError(f"unknown training option(s) {unknown}; valid: {sorted(set().union(*names))}")
+    return tuple({k: v for k, v in kwargs.items() if k in group} for group in names)
 
 
 def _make_trainer_classes():
@@ -150,7 +148,7 @@ def _make_trainer_classes():
         def __init__(
             self,
             *args: Any,
-            angle_loss: AngleLoss,
+            angle_loss: AngleLoss | EspressoLoss,
             texts_per_example: int,
             lengths: list[int] | None,
             **kwargs: Any,
@@ -164,8 +162,9 @@ def _make_trainer_classes():
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             labels = inputs.pop("labels", None)
-            emb = model(**inputs)  # (N*K, D)
-            emb = emb.view(-1, self.texts_per_example, emb.shape[-1])  # (N, K, D)
+            layerwise = getattr(self.angle_loss, "layerwise", False)
+            emb = model(**inputs, all_layers=layerwise)  # (N*K, D), or (L, N*K, D) layerwise
+            emb = emb.unflatten(-2, (-1, self.texts_per_example))  # ([L,] N, K, D)
             loss = self.angle_loss(emb, labels)
             return (loss, emb) if return_outputs else loss
 
@@ -261,7 +260,8 @@ def fit(
         model: a model folder or hub id (default all-MiniLM-L6-v2), or a loaded :class:`AnglE`.
         train_data: a data source (see :func:`anglekit.data.load_train_data`) or validated
             :class:`~anglekit.data.TrainData`; default the bundled STS-B train set.
-        **options: any field of :class:`TrainOptions` or :class:`~anglekit.losses.LossConfig`.
+        **options: any field of :class:`TrainOptions`, :class:`~anglekit.losses.LossConfig`
+            or :class:`~anglekit.espresso.EspressoConfig` (``ese=True``, ``matryoshka_dims``).
 
     Returns:
         Where the final model was saved (``<output_dir>/model``) and how training went.
@@ -274,7 +274,7 @@ def fit(
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from transformers.trainer_utils import get_last_checkpoint
 
-    train_kwargs, loss_kwargs = split_options(options)
+    train_kwargs, loss_kwargs, size_kwargs = split_options(options)
     if isinstance(model, str):
         train_kwargs["model"] = model
     if isinstance(train_data, str | Path):
@@ -283,6 +283,8 @@ def fit(
     if opts.bf16 is None:  # record what "auto" chose, for the summary and the model card
         opts = replace(opts, bf16=fast_bf16() and not opts.fp16)
     loss = AngleLoss(LossConfig(**loss_kwargs))
+    size = EspressoConfig(**size_kwargs)
+    objective = EspressoLoss(loss, size) if size.active else loss
     if opts.push_to_hub:
         from anglekit.hub import check_can_push
 
@@ -355,7 +357,7 @@ def fit(
             model.config.padding_side,
             drop_duplicates=opts.drop_duplicates,
         ),
-        angle_loss=loss,
+        angle_loss=objective,
         texts_per_example=len(data.format.text_fields),
         eval_dataset=dev,
         lengths=dataset.lengths() if opts.group_by_length else None,
@@ -371,6 +373,8 @@ def fit(
         model.gradient_checkpointing_enable()
     source = data.source if isinstance(train_data, TrainData) else opts.train_data
     model.card_data = _card_for_run(model, opts, loss, data, source, dev, args)
+    if size.active:
+        model.card_data.loss["size"] = size.to_dict()
     model.train()
     output = trainer.train(resume_from_checkpoint=resume)
     model.eval()
@@ -408,7 +412,7 @@ def fit(
         **{k: str(v) if isinstance(v, Path) else v for k, v in asdict(result).items()},
         "train_pairs_per_s": result.train_examples_per_s,
         "options": asdict(opts),
-        "loss": asdict(loss.config),
+        "loss": {**asdict(loss.config), **size.to_dict()},
         "data": {"source": data.source, "format": data.format.value, "examples": len(data)},
     }
     with atomic_file(out / SUMMARY_FILE) as f:
