@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from transformers import BertConfig, BertModel, GPT2Config, GPT2Model, Qwen2Config, Qwen2Model
 
-from anglekit import AnglE
+from anglekit import AnglE, fit
+from anglekit.cli import main
 from anglekit.config import CONFIG_NAME
 from anglekit.espresso import (
     EspressoConfig,
@@ -23,6 +24,9 @@ from anglekit.espresso import (
 )
 from anglekit.layers import layer_outputs, layer_stack, truncate_backbone
 from anglekit.losses import AngleLoss
+from anglekit.training import SUMMARY_FILE
+
+from .conftest import WORDS, write_jsonl
 
 TEXTS = ["a man plays a flute", "hi", "the quick brown fox jumps over the lazy dog", "kids play"]
 
@@ -60,7 +64,8 @@ def test_alignment_loss_is_mse_plus_tempered_kl():
     gen = torch.Generator().manual_seed(1)
     s, t = torch.randn(4, 6, generator=gen), torch.randn(4, 6, generator=gen)
     for temp in (1.0, 2.5):
-        mse = sum((a - b) ** 2 for a, b in zip(s.flatten().tolist(), t.flatten().tolist())) / 24
+        pairs = zip(s.flatten().tolist(), t.flatten().tolist(), strict=True)
+        mse = sum((a - b) ** 2 for a, b in pairs) / 24
         expected = mse + temp * _kl_by_hand(s, t, temp)
         assert alignment_loss(s, t, temp).item() == pytest.approx(expected, rel=1e-5)
     assert alignment_loss(t, t).item() == pytest.approx(0.0, abs=1e-6)
@@ -103,7 +108,8 @@ def test_ese_loss_equals_hand_computed_sum(batch):
 
     total = angle(layers[2], labels).item() + c(layers[2])
     weights = [1.0, 1 / (1 + math.log(2))]
-    total += sum(w * (angle(layers[i], labels).item() + c(layers[i])) for i, w in enumerate(weights)) / 2
+    students = [w * (angle(layers[i], labels).item() + c(layers[i])) for i, w in enumerate(weights)]
+    total += sum(students) / 2
     assert got == pytest.approx(total, rel=1e-5)
 
 
@@ -121,10 +127,9 @@ def test_matryoshka_loss_equals_weighted_sum(batch):
     """Matryoshka = sum_j w_j A(x[..., :d_j]); default weights are 1."""
     x, labels = batch[0][-1], batch[1]
     angle = AngleLoss()
-    loss = EspressoLoss(angle, EspressoConfig(matryoshka_dims="4,8,16", matryoshka_weights="1,0.5,2"))
-    expected = sum(
-        w * angle(x[..., :d], labels).item() for d, w in ((4, 1.0), (8, 0.5), (16, 2.0))
-    )
+    config = EspressoConfig(matryoshka_dims="4,8,16", matryoshka_weights="1,0.5,2")
+    loss = EspressoLoss(angle, config)
+    expected = sum(w * angle(x[..., :d], labels).item() for d, w in ((4, 1.0), (8, 0.5), (16, 2.0)))
     assert loss(x, labels).item() == pytest.approx(expected, rel=1e-6)
     plain = EspressoLoss(angle, EspressoConfig(matryoshka_dims=(8, 16)))
     expected = angle(x[..., :8], labels).item() + angle(x, labels).item()
@@ -275,3 +280,51 @@ def test_truncate_layers_on_decoder_model_roundtrip(tiny_llama, tmp_path):
     model.save_pretrained(tmp_path / "llama1")
     again = AnglE.from_pretrained(str(tmp_path / "llama1"), device="cpu")
     np.testing.assert_allclose(again.encode(TEXTS), vecs, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("options", "recorded"),
+    [
+        ({"ese": True, "ese_compression_size": 8}, {"ese": True, "ese_compression_size": 8}),
+        ({"matryoshka_dims": "8,32"}, {"matryoshka_dims": [8, 32]}),
+    ],
+)
+def test_fit_with_ese_or_matryoshka_records_the_choice(tiny_bert, tmp_path, options, recorded):
+    """fit trains with the ESE / Matryoshka loss and records it in the summary and card."""
+    rows = [{"text1": w, "text2": TEXTS[i % 4], "label": float(i % 6)} for i, w in enumerate(WORDS)]
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    before = AnglE.from_pretrained(str(tiny_bert), device="cpu").encode(TEXTS)
+    result = fit(
+        str(tiny_bert),
+        str(train),
+        dev_data=None,
+        output_dir=str(tmp_path / "run"),
+        max_steps=2,
+        batch_size=4,
+        learning_rate=1e-3,
+        progress=False,
+        plots=False,
+        **options,
+    )
+    summary = json.loads((tmp_path / "run" / SUMMARY_FILE).read_text())
+    assert recorded.items() <= summary["loss"].items()
+    card = json.loads((result.model_dir / "anglekit_card.json").read_text())
+    assert recorded.items() <= card["loss"]["size"].items()
+    after = AnglE.from_pretrained(str(result.model_dir), device="cpu").encode(TEXTS)
+    assert not np.allclose(after, before, atol=1e-4)
+
+
+def test_cli_train_flags_reach_the_espresso_options(monkeypatch):
+    """`anglekit train --ese --ese-schedule uniform` passes the options on to fit."""
+    import anglekit.training
+
+    seen = {}
+
+    def fake_fit(**kwargs):
+        seen.update(kwargs)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(anglekit.training, "fit", fake_fit)
+    assert main(["train", "--ese", "--ese-schedule", "uniform", "--matryoshka-dims", "none"]) == 1
+    assert seen["ese"] is True and seen["ese_schedule"] == "uniform"
+    assert seen["matryoshka_dims"] is None and seen["ese_compression_size"] == 128

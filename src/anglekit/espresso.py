@@ -147,7 +147,9 @@ def compress_loss(
     align_w: float = 1.0,
     temperature: float = 1.0,
 ) -> torch.Tensor:
-    """Learn-to-compress term of one layer: ``C(x) = A(x[..., :k]) + lambda * D(x[..., :k], P_k(x))``.
+    """Learn-to-compress term of one layer.
+
+    ``C(x) = A(x[..., :k]) + lambda * D(x[..., :k], P_k(x))``
 
     The alignment compares all ``N * K`` texts of the batch at once.
 
@@ -234,7 +236,8 @@ def matryoshka_loss(
     too_big = [d for d in dims if d > x.shape[-1]]
     if too_big:
         raise ValueError(f"Matryoshka sizes {too_big} exceed the embedding size {x.shape[-1]}")
-    return torch.stack([w * angle(x[..., :d], labels) for d, w in zip(dims, weights)]).sum()
+    terms = [w * angle(x[..., :d], labels) for d, w in zip(dims, weights, strict=True)]
+    return torch.stack(terms).sum()
 
 
 def _help(default: Any, text: str) -> Any:
@@ -249,7 +252,9 @@ def _numbers(value: Any, kind: type, name: str) -> tuple | None:
     try:
         return tuple(kind(str(item).strip()) for item in items)
     except ValueError:
-        raise ValueError(f"{name}={value!r} must be a comma-separated list of {kind.__name__}s")
+        raise ValueError(
+            f"{name}={value!r} must be a comma-separated list of {kind.__name__}s"
+        ) from None
 
 
 @dataclass(frozen=True)

@@ -133,7 +133,8 @@ def split_options(kwargs: dict[str, Any]) -> tuple[dict[str, Any], ...]:
     names = [{f.name for f in fields(group)} for group in OPTION_GROUPS]
     unknown = sorted(set(kwargs).difference(*names))
     if unknown:
-        raise TypeError(f"unknown training option(s) {unknown}; valid: {sorted(set().union(*names))}")
+        valid = sorted(set().union(*names))
+        raise TypeError(f"unknown training option(s) {unknown}; valid: {valid}")
     return tuple({k: v for k, v in kwargs.items() if k in group} for group in names)
 
 
