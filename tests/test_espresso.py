@@ -328,3 +328,5 @@ def test_cli_train_flags_reach_the_espresso_options(monkeypatch):
     assert main(["train", "--ese", "--ese-schedule", "uniform", "--matryoshka-dims", "none"]) == 1
     assert seen["ese"] is True and seen["ese_schedule"] == "uniform"
     assert seen["matryoshka_dims"] is None and seen["ese_compression_size"] == 128
+    assert main(["train", "--ese"]) == 1
+    assert seen["ese_schedule"] == "log"  # the default, as its value
