@@ -330,3 +330,13 @@ def test_cli_train_flags_reach_the_espresso_options(monkeypatch):
     assert seen["matryoshka_dims"] is None and seen["ese_compression_size"] == 128
     assert main(["train", "--ese"]) == 1
     assert seen["ese_schedule"] == "log"  # the default, as its value
+
+
+def test_cli_encode_with_fewer_layers_and_dims(tiny_bert, tmp_path):
+    """`anglekit encode --layers 1 --embedding-size 8` writes what the cut model encodes."""
+    (tmp_path / "in.txt").write_text("\n".join(TEXTS) + "\n")
+    out = tmp_path / "v.npy"
+    argv = ["-q", "encode", str(tiny_bert), "--input", str(tmp_path / "in.txt")]
+    assert main([*argv, "--output", str(out), "--layers", "1", "--embedding-size", "8"]) == 0
+    expected = AnglE.from_pretrained(str(tiny_bert), layers=1, device="cpu").encode(TEXTS)
+    np.testing.assert_allclose(np.load(out), expected[:, :8], atol=1e-5)

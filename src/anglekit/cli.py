@@ -28,6 +28,7 @@ TRAIN_EXAMPLES = """examples:
       --dev-data stsb:dev --epochs 1 --bf16 --ibn-threshold 4
   anglekit train --train-data nli.triplets.jsonl --column-map anchor=query \\
       --max-steps 1000 --batch-size 64 --output-dir runs/nli --resume
+  anglekit train --ese --ese-compression-size 64 --pooling mean   # good at 2 layers x 64 dims
 """
 EVAL_EXAMPLES = """examples:
   anglekit eval sentence-transformers/all-MiniLM-L6-v2 runs/anglekit/model   # STS-B test
@@ -38,6 +39,7 @@ EVAL_EXAMPLES = """examples:
 ENCODE_EXAMPLES = """examples:
   anglekit encode runs/anglekit/model --input texts.txt --output vecs.npy
   cat texts.txt | anglekit encode runs/anglekit/model --output vecs.jsonl --normalize
+  anglekit encode runs/ese/model --layers 2 --embedding-size 64 --input texts.txt --output v.npy
 """
 PUSH_EXAMPLES = """examples:
   hf auth login                                    # once, or set HF_TOKEN
@@ -150,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--prompt", default=None, help="template with {text}, or A, B, C")
     enc.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None)
     enc.add_argument("--embedding-size", type=int, default=None)
+    enc.add_argument("--layers", type=int, default=None, help="run only the first N layers")
     enc.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
 
     push = sub.add_parser(
@@ -251,7 +254,7 @@ def _encode(args: argparse.Namespace) -> int:
     suffix = args.output.suffix.lower()
     if suffix not in (".npy", ".jsonl"):
         raise ValueError(f"--output must end in .npy or .jsonl, got {args.output}")
-    model = AnglE.from_pretrained(args.model, dtype=args.dtype)
+    model = AnglE.from_pretrained(args.model, dtype=args.dtype, layers=args.layers)
     vecs = model.encode(
         lines,
         batch_size=args.batch_size,
