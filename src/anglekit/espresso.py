@@ -280,7 +280,7 @@ class EspressoConfig:
     ese_compression_size: int = _help(128, "ESE: leading dimensions trained to stand alone")
     ese_schedule: LayerSchedule = _help(
         LayerSchedule.LOG.value,
-        "ESE: weights of shallower layers: log (1/(1+ln l)), uniform, linear",
+        "ESE: shallower layer weights: log (1/(1+ln l)), uniform, linear",
     )
     ese_align_w: float = _help(1.0, "ESE: weight of aligning the leading dims to their PCA")
     ese_kl_temperature: float = _help(1.0, "ESE: temperature of the alignment's KL term")
