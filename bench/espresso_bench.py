@@ -190,6 +190,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     config = Config(steps=args.steps, threads=args.threads, count=args.count)
     _common.setup_torch(args.threads)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     with tempfile.TemporaryDirectory(prefix="anglekit-espresso-") as tmp_name:
         tmp = Path(tmp_name)
         runners = {v: (lambda v=v: [run_variant(config, v, tmp)]) for v in VARIANTS}
