@@ -215,9 +215,9 @@ def test_truncation_equals_running_first_layers(build, stack):
     assert layer_stack(full)[0] == stack
     with torch.no_grad():
         out = full(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-        per_layer = layer_outputs(full, out.hidden_states)  # (4, B, T, H)
-    assert per_layer.shape == (4, 2, 7, 32)
-    torch.testing.assert_close(per_layer[-1], out.last_hidden_state)
+        per_layer = layer_outputs(full, out.hidden_states, out.last_hidden_state)
+    assert per_layer.shape == (4, 2, 7, 32)  # (L, B, T, H)
+    torch.testing.assert_close(per_layer[-1], out.hidden_states[-1])
     for n in (1, 2, 3):
         cut = build()
         truncate_backbone(cut, n)

@@ -67,14 +67,16 @@ def final_norm(backbone: nn.Module) -> nn.Module | None:
     return None
 
 
-def layer_outputs(backbone: nn.Module, hidden_states: tuple[torch.Tensor, ...]) -> torch.Tensor:
+def layer_outputs(
+    backbone: nn.Module, hidden_states: tuple[torch.Tensor, ...], last: torch.Tensor
+) -> torch.Tensor:
     """Stack the outputs of layers ``1 .. L`` as a truncated backbone would return them.
 
     Args:
         backbone: the model that produced ``hidden_states``.
         hidden_states: its ``output_hidden_states=True`` tuple of ``L + 1`` ``(B, T, H)``
-            tensors: the embedding output, then layers ``1 .. L`` (the last one already
-            normed by the model).
+            tensors: the embedding output, then layers ``1 .. L``.
+        last: its ``(B, T, H)`` ``last_hidden_state``, taken as layer ``L``'s output.
 
     Returns:
         ``(L, B, T, H)``: entry ``l - 1`` is layer ``l``'s output, with the final norm
@@ -87,7 +89,7 @@ def layer_outputs(backbone: nn.Module, hidden_states: tuple[torch.Tensor, ...]) 
     inner = hidden_states[1:-1]
     if norm is not None:
         inner = tuple(norm(h) for h in inner)
-    return torch.stack([*inner, hidden_states[-1]])  # (L, B, T, H)
+    return torch.stack([*inner, last])  # (L, B, T, H)
 
 
 def truncate_backbone(backbone: nn.Module, layers: int) -> None:

@@ -243,7 +243,7 @@ class AnglE(nn.Module):
         out = self.backbone(
             input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True
         )
-        hidden = layer_outputs(self.backbone, out.hidden_states)  # (L, B, T, H)
+        hidden = layer_outputs(self.backbone, out.hidden_states, out.last_hidden_state)
         return torch.stack([pool(h, attention_mask, self.config.pooling) for h in hidden])
 
     def truncate_layers(self, layers: int) -> AnglE:
