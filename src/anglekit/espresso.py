@@ -27,7 +27,7 @@ sums over ``l < L`` are empty. The loss is ``L_mrl`` or ``L_ese``; they cannot b
 How this differs from the reference implementation (angle-emb 0.6.1): its student sum runs
 over ``hidden_states[0 .. L-2]``, that is the embedding output and layers ``1 .. L-2``,
 skipping layer ``L-1``, and applies only ``C`` (not ``A`` on all dimensions) to them; here
-it runs over the transformer layers ``1 .. L-1`` and applies both, as the paper describes.
+it runs over the transformer layers ``1 .. L-1`` and applies both.
 Its projection uses a randomised SVD whose component signs change from step to step; here
 the decomposition is exact and each component's sign is fixed (see :func:`pca_targets`).
 """
