@@ -310,6 +310,8 @@ def test_fit_with_ese_or_matryoshka_records_the_choice(tiny_bert, tmp_path, opti
     assert recorded.items() <= summary["loss"].items()
     card = json.loads((result.model_dir / "anglekit_card.json").read_text())
     assert recorded.items() <= card["loss"]["size"].items()
+    readme = (result.model_dir / "README.md").read_text()
+    assert f"{next(iter(recorded))}=" in readme.split("fewer layers or dimensions:")[1]
     after = AnglE.from_pretrained(str(result.model_dir), device="cpu").encode(TEXTS)
     assert not np.allclose(after, before, atol=1e-4)
 
