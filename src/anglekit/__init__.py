@@ -11,6 +11,7 @@ _EXPORTS = {
     "AnglE": "anglekit.model",
     "AngleConfig": "anglekit.config",
     "AngleLoss": "anglekit.losses",
+    "EspressoConfig": "anglekit.espresso",
     "LossConfig": "anglekit.losses",
     "Pooling": "anglekit.pooling",
     "Prompts": "anglekit.prompts",
@@ -22,6 +23,7 @@ __all__ = [
     "AnglE",
     "AngleConfig",
     "AngleLoss",
+    "EspressoConfig",
     "LossConfig",
     "Pooling",
     "Prompts",
@@ -32,6 +34,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from anglekit.config import AngleConfig
+    from anglekit.espresso import EspressoConfig
     from anglekit.losses import AngleLoss, LossConfig
     from anglekit.model import AnglE
     from anglekit.pooling import Pooling

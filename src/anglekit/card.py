@@ -422,6 +422,9 @@ def _training_section(card: CardData) -> list[str]:
                 f"In-batch negatives count labels >= {_fmt(config['ibn_threshold'])} as positives.",
                 "",
             ]
+        if card.loss.get("size"):  # anglekit.espresso options: ESE or Matryoshka
+            options = ", ".join(f"`{k}={v}`" for k, v in card.loss["size"].items())
+            lines += [f"Trained to work at fewer layers or dimensions: {options}.", ""]
         fmt = (card.data or {}).get("format")
         if fmt:
             kind = _FORMATS.get(fmt, fmt).split(" (")[0]

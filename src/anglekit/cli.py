@@ -33,6 +33,7 @@ TRAIN_EXAMPLES = """examples:
       --max-steps 50000 --batch-size 512 --gradcache-chunk-size 64 --gather-across-devices
   anglekit train --model Qwen/Qwen2-0.5B --lora --lora-r 32 --prompt A --pooling last \\
       --learning-rate 2e-4 --train-data nli.triplets.jsonl   # an LLM with a LoRA adapter
+  anglekit train --ese --ese-compression-size 64 --pooling mean   # good at 2 layers x 64 dims
 """
 EVAL_EXAMPLES = """examples:
   anglekit eval sentence-transformers/all-MiniLM-L6-v2 runs/anglekit/model   # STS-B test
@@ -43,6 +44,7 @@ EVAL_EXAMPLES = """examples:
 ENCODE_EXAMPLES = """examples:
   anglekit encode runs/anglekit/model --input texts.txt --output vecs.npy
   cat texts.txt | anglekit encode runs/anglekit/model --output vecs.jsonl --normalize
+  anglekit encode runs/ese/model --layers 2 --embedding-size 64 --input texts.txt --output v.npy
 """
 SERVE_EXAMPLES = """examples:
   anglekit serve runs/anglekit/model                  # http://127.0.0.1:8000/v1/embeddings
@@ -98,6 +100,7 @@ def add_options(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The ``anglekit`` argument parser."""
     from anglekit import __version__
+    from anglekit.espresso import EspressoConfig
     from anglekit.export import ExportFormat
     from anglekit.losses import LossConfig
     from anglekit.quantization import Precision
@@ -119,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_options(train, TrainOptions, "training")
     add_options(train, LossConfig, "loss (see anglekit.losses)")
+    add_options(train, EspressoConfig, "fewer layers and dimensions (see anglekit.espresso)")
 
     ev = sub.add_parser(
         "eval", help="Spearman x100 on STS tasks", epilog=EVAL_EXAMPLES, formatter_class=fmt
@@ -177,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--prompt", default=None, help="template with {text}, or A, B, C")
     enc.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None)
     enc.add_argument("--embedding-size", type=int, default=None)
+    enc.add_argument("--layers", type=int, default=None, help="run only the first N layers")
     enc.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
 
     from anglekit.server import ServeOptions
@@ -222,10 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from anglekit.losses import LossConfig
-    from anglekit.training import TrainOptions, fit
+    from anglekit.training import OPTION_GROUPS, fit
 
-    names = [f.name for f in fields(TrainOptions)] + [f.name for f in fields(LossConfig)]
+    names = [f.name for group in OPTION_GROUPS for f in fields(group)]
     result = fit(**{name: getattr(args, name) for name in names})
     line = f"model saved to {result.model_dir} ({result.steps} steps, "
     line += f"{result.train_examples_per_s:.1f} examples/s"
@@ -302,7 +306,7 @@ def _encode(args: argparse.Namespace) -> int:
     suffix = args.output.suffix.lower()
     if suffix not in (".npy", ".jsonl"):
         raise ValueError(f"--output must end in .npy or .jsonl, got {args.output}")
-    model = AnglE.from_pretrained(args.model, dtype=args.dtype)
+    model = AnglE.from_pretrained(args.model, dtype=args.dtype, layers=args.layers)
     vecs = model.encode(
         lines,
         batch_size=args.batch_size,

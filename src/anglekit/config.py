@@ -64,6 +64,10 @@ class AngleConfig:
         adapter_base: the backbone (folder or hub id) the saved adapter applies to.
         gguf_file: the GGUF file in ``adapter_base`` that backbone loads from.
         bidirectional_from: decoder layers from this index on attend in both directions.
+        layers: the backbone was cut to its first ``layers`` transformer layers
+            (:meth:`~anglekit.model.AnglE.truncate_layers`); ``None`` when it is whole.
+        embedding_size: ``encode`` keeps this many leading dimensions unless told otherwise;
+            ``None`` keeps them all.
     """
 
     pooling: Pooling | int = Pooling.CLS
@@ -80,6 +84,8 @@ class AngleConfig:
     adapter_base: str | None = None
     gguf_file: str | None = None
     bidirectional_from: int | None = None
+    layers: int | None = None
+    embedding_size: int | None = None
 
     def __post_init__(self) -> None:
         self.pooling = parse_pooling(self.pooling)
@@ -88,6 +94,10 @@ class AngleConfig:
         self.prompts = {name: resolve_prompt(t) for name, t in self.prompts.items()}
         if not isinstance(self.max_length, int) or self.max_length < 1:
             raise ValueError(f"max_length must be a positive integer, got {self.max_length!r}")
+        for name in ("layers", "embedding_size"):
+            value = getattr(self, name)
+            if value is not None and (type(value) is not int or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
         if self.padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {self.padding_side!r}")
         if self.bidirectional_from is not None and (

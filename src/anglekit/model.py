@@ -21,6 +21,7 @@ from anglekit._files import atomic_directory
 from anglekit.batching import length_sorted_batches, pad_batch
 from anglekit.card import CARD_DATA_NAME, CardData, read_base_license, write_card
 from anglekit.config import CONFIG_NAME, AngleConfig, BackboneKind
+from anglekit.layers import layer_outputs, truncate_backbone
 from anglekit.onnx_backend import (
     ONNX_INFO_NAME,
     Backend,
@@ -132,6 +133,10 @@ class AnglE(nn.Module):
                 raise ValueError("the tokenizer has neither a pad nor an eos token to pad with")
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = config.padding_side
+        if config.embedding_size is not None and config.embedding_size > self.hidden_size:
+            raise ValueError(
+                f"embedding_size {config.embedding_size} exceeds the hidden size {self.hidden_size}"
+            )
 
     @classmethod
     def from_pretrained(
@@ -153,6 +158,8 @@ class AnglE(nn.Module):
         load_kbit: int | None = None,
         bidirectional_from: int | None = None,
         padding_side: str | None = None,
+        layers: int | None = None,
+        embedding_size: int | None = None,
     ) -> AnglE:
         """Load a backbone (local folder or hub id) and its anglekit settings.
 
@@ -187,6 +194,9 @@ class AnglE(nn.Module):
             bidirectional_from: decoder layers from this index on attend to every token
                 (Llama, Mistral, Qwen2); saved with the model.
             padding_side: ``left`` or ``right``.
+            layers: keep only the first ``layers`` transformer layers (see
+                :meth:`truncate_layers`).
+            embedding_size: default number of leading dimensions ``encode`` returns.
 
         Returns:
             The embedder, in eval mode.
@@ -231,6 +241,8 @@ class AnglE(nn.Module):
             "padding_side": padding_side,
             "bidirectional_from": bidirectional_from,
             "gguf_file": gguf_file,
+            "layers": layers,
+            "embedding_size": embedding_size,
         }
         config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
         onnx_saved = _read_json(path, ONNX_INFO_NAME)
@@ -284,6 +296,13 @@ class AnglE(nn.Module):
         model.card_data = card or CardData(base_model=config.base_model)
         model.name_or_path = name_or_path
         model.base_path = str(Path(base_path).resolve()) if Path(base_path).is_dir() else base_path
+        if config.layers is not None:
+            if backend is Backend.ONNX and layers is not None:
+                raise ValueError(
+                    "cut layers with the torch backend (layers=N), save the model, then export it"
+                )
+            if backend is Backend.TORCH:  # an ONNX export was made from the cut backbone
+                model.truncate_layers(config.layers)
         if load_kbit:  # placed while loading; k-bit weights cannot be moved
             return model.eval()
         return model.to(device).eval()
@@ -295,14 +314,45 @@ class AnglE(nn.Module):
         return torch.device("cpu") if weight is None else weight.device
 
     @property
-    def embedding_dim(self) -> int:
+    def hidden_size(self) -> int:
         """Size of the pooled embedding."""
         return int(self.backbone.config.hidden_size)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """``(B, T)`` token ids and mask to ``(B, H)`` pooled embeddings."""
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return pool(hidden, attention_mask, self.config.pooling)  # (B, H)
+    @property
+    def embedding_dim(self) -> int:
+        """Size of the embeddings ``encode`` returns by default."""
+        return self.config.embedding_size or self.hidden_size
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, all_layers: bool = False
+    ) -> torch.Tensor:
+        """``(B, T)`` token ids and mask to ``(B, H)`` pooled embeddings.
+
+        With ``all_layers`` the pooled output of every transformer layer, ``(L, B, H)``:
+        entry ``l - 1`` is what the backbone cut to ``l`` layers gives (see
+        :mod:`anglekit.layers`).
+        """
+        if not all_layers:
+            out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
+            return pool(out.last_hidden_state, attention_mask, self.config.pooling)  # (B, H)
+        out = self.backbone(
+            input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True
+        )
+        hidden = layer_outputs(self.backbone, out.hidden_states, out.last_hidden_state)
+        return torch.stack([pool(h, attention_mask, self.config.pooling) for h in hidden])
+
+    def truncate_layers(self, layers: int) -> AnglE:
+        """Keep only the first ``layers`` transformer layers, in place (encoders and decoders).
+
+        Encoding then runs that many layers, faster by about the fraction cut. The choice is
+        recorded in the config, and ``save_pretrained`` writes the smaller backbone.
+
+        Returns:
+            The model itself.
+        """
+        truncate_backbone(self.backbone, layers)
+        self.config = replace(self.config, layers=layers)
+        return self
 
     def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
         """Trade compute for memory in training (delegates to the backbone). With frozen
@@ -370,7 +420,7 @@ class AnglE(nn.Module):
             prompt_name: a named template saved with the model, e.g. ``"query"``.
             normalize: return unit vectors; defaults to the model's setting.
             embedding_size: keep only the first ``k`` dimensions (Matryoshka truncation),
-                applied before normalisation.
+                applied before normalisation; default the model's ``embedding_size``, if set.
             to_numpy: return a float32 numpy array, else a float32 CPU tensor.
             show_progress: show a progress bar; by default only on a terminal.
             max_tokens_per_batch: instead of ``batch_size``, fill each batch of length-sorted
@@ -395,11 +445,11 @@ class AnglE(nn.Module):
         if batch_size is None and max_tokens_per_batch is None:
             batch_size = 32
         dim = self.embedding_dim if embedding_size is None else embedding_size
-        if not 1 <= dim <= self.embedding_dim:
-            raise ValueError(f"embedding_size must be in 1..{self.embedding_dim}, got {dim}")
+        if not 1 <= dim <= self.hidden_size:
+            raise ValueError(f"embedding_size must be in 1..{self.hidden_size}, got {dim}")
         ids = self.tokenize(batch, self.template(prompt, prompt_name))
         batches = length_sorted_batches([len(x) for x in ids], batch_size, max_tokens_per_batch)
-        out = torch.empty(len(ids), self.embedding_dim, dtype=torch.float32)
+        out = torch.empty(len(ids), self.hidden_size, dtype=torch.float32)
         show = sys.stderr.isatty() if show_progress is None else show_progress
         if show and len(batches) > 1:
             from tqdm.auto import tqdm

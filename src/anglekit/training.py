@@ -25,6 +25,7 @@ from anglekit.card import MEASURED_BY_TRAIN, CardData, training_options
 from anglekit.checkpoints import last_complete_checkpoint, mark_complete
 from anglekit.data import DataFormat, TrainData, load_sts, load_train_data
 from anglekit.distributed import gather_batch
+from anglekit.espresso import EspressoConfig, EspressoLoss
 from anglekit.gradcache import gradcache_backward
 from anglekit.losses import AngleLoss, LossConfig
 from anglekit.model import DEFAULT_MODEL, AnglE
@@ -165,19 +166,17 @@ class TrainResult:
     best_step: int | None
 
 
-def split_options(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Split keyword arguments into TrainOptions and LossConfig ones; unknown names raise."""
-    train_names = {f.name for f in fields(TrainOptions)}
-    loss_names = {f.name for f in fields(LossConfig)}
-    unknown = sorted(set(kwargs) - train_names - loss_names)
+OPTION_GROUPS = (TrainOptions, LossConfig, EspressoConfig)
+
+
+def split_options(kwargs: dict[str, Any]) -> tuple[dict[str, Any], ...]:
+    """Split keyword arguments by :data:`OPTION_GROUPS`; unknown names raise."""
+    names = [{f.name for f in fields(group)} for group in OPTION_GROUPS]
+    unknown = sorted(set(kwargs).difference(*names))
     if unknown:
-        raise TypeError(
-            f"unknown training option(s) {unknown}; valid: {sorted(train_names | loss_names)}"
-        )
-    return (
-        {k: v for k, v in kwargs.items() if k in train_names},
-        {k: v for k, v in kwargs.items() if k in loss_names},
-    )
+        valid = sorted(set().union(*names))
+        raise TypeError(f"unknown training option(s) {unknown}; valid: {valid}")
+    return tuple({k: v for k, v in kwargs.items() if k in group} for group in names)
 
 
 def _make_trainer_classes():
@@ -192,7 +191,7 @@ def _make_trainer_classes():
         def __init__(
             self,
             *args: Any,
-            angle_loss: AngleLoss,
+            angle_loss: AngleLoss | EspressoLoss,
             texts_per_example: int,
             lengths: list[int] | None,
             gather_across_devices: bool = False,
@@ -210,15 +209,17 @@ def _make_trainer_classes():
             self.dev_scores: dict[int, Any] = {}  # step -> Correlation of that evaluation
 
         def objective(self, rows: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-            """The AnglE loss of ``(N*K, D)`` embeddings, over all devices' batches if asked."""
-            emb = rows.view(-1, self.texts_per_example, rows.shape[-1])  # (N, K, D)
+            """The AnglE loss of ``(N*K, D)`` embeddings (``(L, N*K, D)`` per layer for ESE),
+            over all devices' batches if asked."""
+            emb = rows.unflatten(-2, (-1, self.texts_per_example))  # ([L,] N, K, D)
             if self.gather_across_devices:
                 emb, labels = gather_batch(emb, labels)  # (sum_r N_r, K, D)
             return self.angle_loss(emb, labels)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             labels = inputs.pop("labels", None)
-            emb = model(**inputs)  # (N*K, D)
+            layerwise = getattr(self.angle_loss, "layerwise", False)
+            emb = model(**inputs, all_layers=layerwise)  # (N*K, D), or (L, N*K, D) layerwise
             loss = self.objective(emb, labels)
             return (loss, emb) if return_outputs else loss
 
@@ -385,7 +386,8 @@ def fit(
         model: a model folder or hub id (default all-MiniLM-L6-v2), or a loaded :class:`AnglE`.
         train_data: a data source (see :func:`anglekit.data.load_train_data`) or validated
             :class:`~anglekit.data.TrainData`; default the bundled STS-B train set.
-        **options: any field of :class:`TrainOptions` or :class:`~anglekit.losses.LossConfig`.
+        **options: any field of :class:`TrainOptions`, :class:`~anglekit.losses.LossConfig`
+            or :class:`~anglekit.espresso.EspressoConfig` (``ese=True``, ``matryoshka_dims``).
 
     Returns:
         Where the final model was saved (``<output_dir>/model``) and how training went.
@@ -397,7 +399,7 @@ def fit(
     from transformers import TrainingArguments
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    train_kwargs, loss_kwargs = split_options(options)
+    train_kwargs, loss_kwargs, size_kwargs = split_options(options)
     if isinstance(model, str):
         train_kwargs["model"] = model
     if isinstance(train_data, str | Path):
@@ -406,6 +408,15 @@ def fit(
     if opts.bf16 is None:  # record what "auto" chose, for the summary and the model card
         opts = replace(opts, bf16=fast_bf16() and not opts.fp16)
     loss = AngleLoss(LossConfig(**loss_kwargs))
+    size = EspressoConfig(**size_kwargs)
+    objective = EspressoLoss(loss, size) if size.active else loss
+    if getattr(objective, "layerwise", False) and (
+        opts.gradcache_chunk_size is not None or opts.gather_across_devices
+    ):
+        raise ValueError(
+            "ese trains on every layer's embeddings, which gradcache_chunk_size and "
+            "gather_across_devices do not carry; use them without ese (matryoshka_dims works)"
+        )
     if opts.push_to_hub:
         from anglekit.hub import check_can_push
 
@@ -503,7 +514,7 @@ def fit(
             model.config.padding_side,
             drop_duplicates=opts.drop_duplicates,
         ),
-        angle_loss=loss,
+        angle_loss=objective,
         texts_per_example=len(data_fmt.text_fields),
         gather_across_devices=opts.gather_across_devices,
         gradcache_chunk_size=opts.gradcache_chunk_size,
@@ -530,6 +541,8 @@ def fit(
     source = data_source if isinstance(train_data, TrainData) else opts.train_data
     data_info = {"source": source, "format": data_fmt.value, "examples": n_examples}
     model.card_data = _card_for_run(model, opts, loss, data_fmt, data_info, dev, args)
+    if size.active:
+        model.card_data.loss["size"] = size.to_dict()
     model.train()
     output = trainer.train(resume_from_checkpoint=resume)
     model.eval()
@@ -572,7 +585,7 @@ def fit(
         **{k: str(v) if isinstance(v, Path) else v for k, v in asdict(result).items()},
         "train_pairs_per_s": result.train_examples_per_s,
         "options": asdict(opts),
-        "loss": asdict(loss.config),
+        "loss": {**asdict(loss.config), **size.to_dict()},
         "data": {"source": data_source, "format": data_fmt.value, "examples": n_examples},
     }
     if main_process:
