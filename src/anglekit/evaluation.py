@@ -56,6 +56,7 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
+from anglekit._enums import parse_choice
 from anglekit.data import DataError, StsPairs, load_sts
 
 __all__ = [
@@ -161,11 +162,7 @@ class SuiteResult:
 
 
 def _as_task(task: Task | str) -> Task:
-    try:
-        return Task(task)
-    except ValueError:
-        valid = ", ".join(t.value for t in Task)
-        raise ValueError(f"unknown task {task!r}; valid tasks: {valid}") from None
+    return parse_choice(Task, task, "task")
 
 
 def sts_correlations(

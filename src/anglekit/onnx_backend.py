@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from anglekit._enums import parse_choice
+
 __all__ = [
     "ONNX_INFO_NAME",
     "ONNX_NAME",
@@ -97,20 +99,12 @@ class OnnxInfo:
 
 def parse_backend(value: str | Backend) -> Backend:
     """A :class:`Backend` from its name; unknown names raise, listing the valid ones."""
-    try:
-        return Backend(value)
-    except ValueError:
-        valid = ", ".join(b.value for b in Backend)
-        raise ValueError(f"unknown backend {value!r}; valid: {valid}") from None
+    return parse_choice(Backend, value, "backend")
 
 
 def parse_quantization(value: str | Quantization) -> Quantization:
     """A :class:`Quantization` from its name; unknown names raise."""
-    try:
-        return Quantization(value)
-    except ValueError:
-        valid = ", ".join(q.value for q in Quantization)
-        raise ValueError(f"unknown quantize {value!r}; valid: {valid}") from None
+    return parse_choice(Quantization, value, "quantize")
 
 
 def _onnxruntime() -> Any:

@@ -22,6 +22,8 @@ from enum import Enum
 
 import numpy as np
 
+from anglekit._enums import parse_choice
+
 __all__ = ["Precision", "parse_precision", "quantize_embeddings"]
 
 
@@ -37,11 +39,7 @@ class Precision(str, Enum):
 
 def parse_precision(value: str | Precision) -> Precision:
     """A :class:`Precision` from its name; unknown names raise, listing the valid ones."""
-    try:
-        return Precision(value)
-    except ValueError:
-        valid = ", ".join(p.value for p in Precision)
-        raise ValueError(f"unknown precision {value!r}; valid: {valid}") from None
+    return parse_choice(Precision, value, "precision")
 
 
 def _scalar_ranges(
