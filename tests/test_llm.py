@@ -393,3 +393,13 @@ def test_gguf_smollm2_loads_and_encodes(tmp_path):
     assert saved.gguf_file == gguf.name and saved.adapter_base == str(gguf.parent)
     again = AnglE.from_pretrained(str(tmp_path / "adapter"), device="cpu")
     np.testing.assert_allclose(again.encode(TEXTS[:2]), angle.encode(TEXTS[:2]), atol=2e-2)
+
+
+def test_training_texts_carry_the_model_prompt(tiny_llama: Path) -> None:
+    """fit tokenises training texts with the model's default prompt, as encode does."""
+    from anglekit.training import training_tokenizer
+
+    angle = AnglE.from_pretrained(str(tiny_llama), prompt="A")
+    prompted = angle.tokenize(['Summarize sentence "a cat" in one word:"'])
+    assert training_tokenizer(angle)(["a cat"]) == prompted
+    assert training_tokenizer(angle)(["a cat"]) != angle.tokenize(["a cat"])

@@ -13,6 +13,7 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -458,7 +459,7 @@ def fit(
     if data is None:
         dataset = StreamingDataset(
             opts.train_data,
-            model.tokenize,
+            training_tokenizer(model),
             column_map=opts.column_map,
             seed=opts.seed,
             shuffle_buffer=opts.shuffle_buffer,
@@ -467,7 +468,7 @@ def fit(
         logger.info("streaming %s examples from %s", data_fmt.value, data_source)
     else:
         _warn_on_label_scale(data, loss.config)
-        dataset = TokenizedDataset(data, model.tokenize, seed=opts.seed)
+        dataset = TokenizedDataset(data, training_tokenizer(model), seed=opts.seed)
         data_fmt, data_source, n_examples = data.format, data.source, len(data)
         logger.info("training on %d %s examples from %s", len(data), data_fmt.value, data_source)
 
@@ -607,6 +608,12 @@ def fit(
 def global_batch_size(opts: TrainOptions, world_size: int) -> int:
     """Examples per optimizer step over all devices."""
     return opts.batch_size * opts.gradient_accumulation_steps * world_size
+
+
+def training_tokenizer(model: AnglE) -> Callable[[list[str]], list[list[int]]]:
+    """Token ids of training texts: with the model's default prompt, as ``encode`` applies it."""
+    template = model.template()
+    return lambda texts: model.tokenize(texts, template)
 
 
 def _dev_encoder(model: AnglE):
