@@ -527,6 +527,12 @@ def fit(
             "gradcache_chunk_size runs several backward passes per step, which DeepSpeed does "
             "not allow; use DDP or FSDP with GradCache"
         )
+    if dev is not None and _shards_parameters(trainer):
+        raise ValueError(
+            "dev evaluation encodes with the whole model in each process, which DeepSpeed "
+            "ZeRO-3 and FSDP shard across processes: train with --dev-data none and score the "
+            "saved model with `anglekit eval`"
+        )
     trainer.remove_callback(PrinterCallback)  # the library logs; it does not print
     if not show_progress:
         trainer.remove_callback(ProgressCallback)
@@ -608,6 +614,14 @@ def fit(
 def global_batch_size(opts: TrainOptions, world_size: int) -> int:
     """Examples per optimizer step over all devices."""
     return opts.batch_size * opts.gradient_accumulation_steps * world_size
+
+
+def _shards_parameters(trainer: Any) -> bool:
+    """Whether the engine splits the weights across processes (ZeRO-3, FSDP)."""
+    if trainer.is_fsdp_enabled:
+        return True
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    return plugin is not None and plugin.zero_stage == 3
 
 
 def training_tokenizer(model: AnglE) -> Callable[[list[str]], list[list[int]]]:
