@@ -243,7 +243,7 @@ def package_versions(*names: str) -> dict[str, str]:
 def train_worker_parser(description: str) -> argparse.ArgumentParser:
     """The command line every training worker accepts (see ``TrainConfig.worker_args``)."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--model", type=Path, required=True, help="all-MiniLM-L6-v2 folder")
+    parser.add_argument("--model", type=Path, required=True, help="model folder")
     parser.add_argument("--train-data", type=Path, required=True)
     parser.add_argument("--test-data", type=Path, required=True)
     parser.add_argument("--steps", type=int, required=True)

@@ -57,21 +57,13 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def worker_parser(description: str) -> argparse.ArgumentParser:
-    """The command line of both LLM training workers."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--model", type=Path, required=True, help="HF folder of SmolLM2")
+    """The command line of both LLM training workers: every training worker's, plus the task
+    and LoRA settings."""
+    parser = _common.train_worker_parser(description)
     parser.add_argument("--task", choices=TASKS, required=True)
-    parser.add_argument("--train-data", type=Path, required=True)
-    parser.add_argument("--test-data", type=Path, required=True)
-    parser.add_argument("--steps", type=int, required=True)
-    parser.add_argument("--batch-size", type=int, required=True)
-    parser.add_argument("--max-length", type=int, required=True)
-    parser.add_argument("--learning-rate", type=float, required=True)
     parser.add_argument("--lora-r", type=int, required=True)
     parser.add_argument("--lora-alpha", type=float, required=True)
     parser.add_argument("--lora-dropout", type=float, required=True)
-    parser.add_argument("--seed", type=int, required=True)
-    parser.add_argument("--threads", type=int, required=True)
     parser.add_argument("--zero-shot", action="store_true", help="also score before training")
     parser.add_argument("--precision", default="auto", help="anglekit only: auto, fp32, bf16")
     parser.add_argument("--test-limit", type=int, default=0, help="smoke runs: first N pairs")

@@ -53,6 +53,7 @@ class LlmConfig:
     lora_r: int = 32
     lora_alpha: float = 32.0
     lora_dropout: float = 0.1
+    warmup_steps: int = 0
     seed: int = 42
 
     def worker_args(self, task: str) -> list[str]:
@@ -67,6 +68,7 @@ class LlmConfig:
             "--batch-size", str(self.batch_size),
             "--max-length", str(self.max_length),
             "--learning-rate", str(self.learning_rate),
+            "--warmup-steps", str(self.warmup_steps),
             "--lora-r", str(self.lora_r),
             "--lora-alpha", str(self.lora_alpha),
             "--lora-dropout", str(self.lora_dropout),

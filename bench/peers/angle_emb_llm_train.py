@@ -59,7 +59,7 @@ def main() -> None:
             output_dir=output_dir,
             batch_size=args.batch_size,
             learning_rate=args.learning_rate,
-            warmup_steps=0,
+            warmup_steps=args.warmup_steps,
             logging_steps=10,
             save_strategy="no",
             fp16=False,

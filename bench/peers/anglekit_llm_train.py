@@ -41,6 +41,7 @@ def main() -> None:
             max_steps=args.steps,
             batch_size=args.batch_size,
             learning_rate=args.learning_rate,
+            warmup_steps=args.warmup_steps,
             seed=args.seed,
             bf16=precision,
             lora=True,
