@@ -57,7 +57,7 @@ class LoadConfig:
     max_texts: int = 32
     sentences: int = 2000
     encoding_format: str = "base64"
-    max_wait_ms: float = 5.0
+    max_wait_ms: float = 0.0
     max_batch_size: int = 64
     dtype: str | None = None
     seed: int = 0

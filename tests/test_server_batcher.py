@@ -57,6 +57,29 @@ def test_merges_up_to_max_batch_size_and_splits_results():
         assert result.token_counts == [len(t) for t in job]
 
 
+def test_default_sends_at_once_and_merges_what_queued_while_busy():
+    """With no wait (the default), a lone request goes at once; the requests that arrive while
+    the model runs it share the next pass."""
+    gate = threading.Event()
+    model = FakeModel(gate=gate)
+
+    async def main():
+        batcher = await running(MicroBatcher(model, max_batch_size=8))
+        first = asyncio.ensure_future(batcher.submit(["first"]))
+        while not model.started.is_set():
+            await asyncio.sleep(0.001)
+        later = [asyncio.ensure_future(batcher.submit([t])) for t in ("x", "yy", "zzz")]
+        await asyncio.sleep(0.01)
+        gate.set()
+        results = await asyncio.gather(first, *later)
+        await batcher.stop()
+        return results
+
+    results = asyncio.run(main())
+    assert model.batches == [["first"], ["x", "yy", "zzz"]]
+    assert [r.embeddings.tolist() for r in results[1:]] == [rows([t]) for t in ("x", "yy", "zzz")]
+
+
 def test_big_job_runs_alone_and_merge_off_runs_each_job_alone():
     """A job over max_batch_size is one pass; merge=False never combines jobs."""
     big = FakeModel()

@@ -47,7 +47,8 @@ class ServeOptions:
             folder name or hub id.
         batching: merge concurrent requests into shared forward passes.
         max_batch_size: texts per forward pass.
-        max_wait_ms: how long a request waits for others to join its batch.
+        max_wait_ms: how long a request that finds the model idle waits for others to join
+            its batch; requests that queue while the model is busy are merged regardless.
         max_queue: texts allowed to wait for the model; beyond, requests get 503.
         max_items: texts per embeddings request (pairs per similarity request).
         max_chars: characters per text.
@@ -64,7 +65,9 @@ class ServeOptions:
     )
     batching: bool = _option(True, "merge concurrent requests into shared forward passes")
     max_batch_size: int = _option(64, "texts per forward pass")
-    max_wait_ms: float = _option(5.0, "milliseconds a request waits for others to batch with")
+    max_wait_ms: float = _option(
+        0.0, "milliseconds an idle model waits for more requests to batch with"
+    )
     max_queue: int = _option(4096, "texts allowed to wait for the model; beyond: 503")
     max_items: int = _option(256, "texts per embeddings request, pairs per similarity request")
     max_chars: int = _option(10_000, "characters per text")

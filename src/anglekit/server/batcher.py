@@ -56,7 +56,8 @@ class MicroBatcher:
             thread, one call at a time.
         max_batch_size: texts merged into one ``encode`` call; a single request with more
             texts runs alone.
-        max_wait_ms: how long the first queued request waits for others to join it.
+        max_wait_ms: how long the first queued request waits for others to join it; 0 sends
+            it at once (requests queued while the model was busy still go together).
         max_queue: texts allowed to wait; :meth:`submit` raises :class:`QueueFullError`
             beyond it.
         merge: ``False`` runs every request on its own (one request per forward pass).
@@ -69,7 +70,7 @@ class MicroBatcher:
         encode: EncodeFn,
         *,
         max_batch_size: int = 64,
-        max_wait_ms: float = 5.0,
+        max_wait_ms: float = 0.0,
         max_queue: int = 4096,
         merge: bool = True,
         on_batch: BatchObserver | None = None,
