@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 
@@ -222,6 +223,11 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     loss.backward()
     results["triplets"] = (loss.item(), {n: p.grad for n, p in model.module.named_parameters()})
     torch.save(results, f"{out}/rank{rank}.pt")
+    # Tear down only when both ranks are done, with no DDP module (and its reducer's pending
+    # gloo work) left alive: otherwise a loaded machine can abort one process at exit.
+    del model
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
 
 
