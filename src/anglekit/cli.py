@@ -103,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     from anglekit.espresso import EspressoConfig
     from anglekit.export import ExportFormat
     from anglekit.losses import LossConfig
+    from anglekit.model import DTYPES
     from anglekit.quantization import Precision
     from anglekit.training import TrainOptions
 
@@ -138,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument(
         "--dtype",
-        choices=["float32", "bfloat16", "float16"],
+        choices=list(DTYPES),
         default=None,
         help="weight dtype for inference (default: as saved)",
     )
@@ -182,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None)
     enc.add_argument("--embedding-size", type=int, default=None)
     enc.add_argument("--layers", type=int, default=None, help="run only the first N layers")
-    enc.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    enc.add_argument("--dtype", choices=list(DTYPES), default=None)
 
     from anglekit.server import ServeOptions
 
@@ -193,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=fmt,
     )
     srv.add_argument("model", help="model folder or hub id, loaded once at start")
-    srv.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    srv.add_argument("--dtype", choices=list(DTYPES), default=None)
     add_options(srv, ServeOptions, "server")
     export = sub.add_parser(
         "export",
