@@ -358,7 +358,10 @@ class AnglE(nn.Module):
         """Trade compute for memory in training (delegates to the backbone). With frozen
         embeddings (LoRA), the embedding output is made to require grads so that checkpointed
         layers still pass gradients to the adapters."""
-        self.backbone.gradient_checkpointing_enable(**kwargs)
+        enable = getattr(self.backbone, "activation_checkpointing_enable", None)
+        if enable is None:  # transformers before its rename
+            enable = self.backbone.gradient_checkpointing_enable
+        enable(**kwargs)
         if not all(p.requires_grad for p in self.backbone.parameters()):
             self.backbone.enable_input_require_grads()
 

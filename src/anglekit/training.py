@@ -8,6 +8,7 @@ logging integrations and multi-device runs under ``torchrun`` / ``accelerate lau
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -24,6 +25,7 @@ from anglekit._files import atomic_file
 from anglekit.batching import AngleCollator, TokenizedDataset
 from anglekit.card import MEASURED_BY_TRAIN, CardData, training_options
 from anglekit.checkpoints import last_complete_checkpoint, mark_complete
+from anglekit.cpu_training import FrozenWeightCasts, attention_kernels, use_fast_dropout
 from anglekit.data import DataFormat, TrainData, load_sts, load_train_data
 from anglekit.distributed import gather_batch
 from anglekit.espresso import EspressoConfig, EspressoLoss
@@ -208,6 +210,9 @@ def _make_trainer_classes():
             self._defer_rotation = False
             self.eval_seconds = 0.0
             self.dev_scores: dict[int, Any] = {}  # step -> Correlation of that evaluation
+            self.frozen_casts = None
+            if self.args.device.type == "cpu" and self.args.bf16:
+                self.frozen_casts = FrozenWeightCasts(self.model.backbone, torch.bfloat16)
 
         def objective(self, rows: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
             """The AnglE loss of ``(N*K, D)`` embeddings (``(L, N*K, D)`` per layer for ESE),
@@ -225,6 +230,16 @@ def _make_trainer_classes():
             return (loss, emb) if return_outputs else loss
 
         def training_step(self, model, inputs, num_items_in_batch=None):
+            bf16 = self.args.bf16 or self.model.backbone.dtype == torch.bfloat16
+            length = inputs["attention_mask"].shape[-1]
+            casts = self.frozen_casts
+            with (
+                attention_kernels(self.args.device, bf16, length),
+                casts.swapped_in() if casts else contextlib.nullcontext(),
+            ):
+                return self._training_step(model, inputs, num_items_in_batch)
+
+        def _training_step(self, model, inputs, num_items_in_batch):
             if self.gradcache_chunk_size is None:
                 return super().training_step(model, inputs, num_items_in_batch)
             model.train()
@@ -456,6 +471,7 @@ def fit(
             target_modules=LoraSettings.parse_targets(opts.lora_target_modules),
         )
         prepare_lora_training(model, settings, opts.gradient_checkpointing)
+    use_fast_dropout(model.backbone)
     if data is None:
         dataset = StreamingDataset(
             opts.train_data,
