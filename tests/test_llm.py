@@ -301,6 +301,36 @@ def test_gradient_checkpointing_with_lora_trains(llama_dir, tmp_path, sts_rows):
     assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # lora_B starts at zero
 
 
+def test_bf16_lora_fit_keeps_the_frozen_weights_full_precision(llama_dir, tmp_path, sts_rows):
+    """A bf16 LoRA fit with checkpointing (frozen weights swapped to bf16 copies in each step,
+    bulk-drawn dropout) trains the adapter and leaves the base weights fp32 and unchanged."""
+    from anglekit.cpu_training import FastDropout
+
+    angle = AnglE.from_pretrained(str(llama_dir))
+    before = [(p, p.detach().clone()) for p in angle.backbone.parameters()]
+    fit(
+        angle,
+        str(write_jsonl(tmp_path / "t.jsonl", sts_rows)),
+        dev_data=None,
+        output_dir=str(tmp_path / "run"),
+        max_steps=2,
+        batch_size=4,
+        learning_rate=1e-2,
+        bf16=True,
+        lora=True,
+        lora_r=2,
+        gradient_checkpointing=True,
+        plots=False,
+        progress=False,
+    )
+    lora_b = [p for n, p in angle.backbone.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b)
+    for param, value in before:  # the base layers keep their Parameter objects under peft
+        assert param.dtype == torch.float32 and torch.equal(param, value)
+    dropouts = [m for m in angle.backbone.modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts and all(isinstance(m, FastDropout) for m in dropouts)
+
+
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
 def test_bidirectional_attention_lets_early_tokens_see_later_ones(arch, tmp_path):
     """Off: the first token's hidden state ignores what follows; on: it depends on it. The
