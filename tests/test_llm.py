@@ -281,29 +281,9 @@ def test_lora_checkpoints_resume_and_reload_the_best(llama_dir, tmp_path, sts_ro
 
 
 def test_gradient_checkpointing_with_lora_trains(llama_dir, tmp_path, sts_rows):
-    """Gradient checkpointing with frozen embeddings still updates the adapter."""
-    angle = AnglE.from_pretrained(str(llama_dir))
-    fit(
-        angle,
-        str(write_jsonl(tmp_path / "t.jsonl", sts_rows)),
-        dev_data=None,
-        output_dir=str(tmp_path / "run"),
-        max_steps=2,
-        batch_size=4,
-        learning_rate=1e-2,
-        lora=True,
-        lora_r=2,
-        gradient_checkpointing=True,
-        plots=False,
-        progress=False,
-    )
-    lora_b = [p for n, p in angle.backbone.named_parameters() if "lora_B" in n]
-    assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # lora_B starts at zero
-
-
-def test_bf16_lora_fit_keeps_the_frozen_weights_full_precision(llama_dir, tmp_path, sts_rows):
-    """A bf16 LoRA fit with checkpointing (frozen weights swapped to bf16 copies in each step,
-    bulk-drawn dropout) trains the adapter and leaves the base weights fp32 and unchanged."""
+    """Gradient checkpointing with frozen embeddings still updates the adapter; in bf16 on CPU
+    (frozen weights swapped for bf16 copies in each step, bulk-drawn dropout) the base weights
+    stay fp32 and unchanged."""
     from anglekit.cpu_training import FastDropout
 
     angle = AnglE.from_pretrained(str(llama_dir))
