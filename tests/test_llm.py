@@ -304,7 +304,7 @@ def test_gradient_checkpointing_with_lora_trains(llama_dir, tmp_path, sts_rows):
         progress=False,
     )
     lora_b = [p for n, p in angle.backbone.named_parameters() if "lora_B" in n]
-    assert lora_b and any(p.abs().sum() > 0 for p in lora_b)
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # lora_B starts at zero
     for param, value in before:  # the base layers keep their Parameter objects under peft
         assert param.dtype == torch.float32 and torch.equal(param, value)
     dropouts = [m for m in angle.backbone.modules() if isinstance(m, torch.nn.Dropout)]

@@ -16,7 +16,7 @@ same mask, kept as one byte per element (torch keeps the mask in the input's dty
 Each call seeds its generator with a number drawn from torch's CPU generator, so
 ``torch.manual_seed`` fixes every mask, and whatever restores torch's RNG state (activation
 checkpointing's recomputation, GradCache's replay) gets the same masks again. Off CPU, in
-eval mode, or with ``p = 0`` the module is exactly :class:`torch.nn.Dropout`.
+eval mode, or with ``p`` 0 or 1 the module is exactly :class:`torch.nn.Dropout`.
 
 **Attention.** In bf16, torch's fused CPU attention kernel is slower than the unfused
 ("math") one on short sequences: forward and backward of 32 sequences x 12 heads x 32 tokens
@@ -30,10 +30,9 @@ otherwise.
 every use; only trainable weights have their casts cached. With a LoRA adapter nearly every
 linear weight is frozen: a SmolLM2-135M step cast 105 M weights in the forward and again in
 the recomputation of activation checkpointing; keeping bf16 copies made its steps about a
-tenth faster. :class:`FrozenWeightCasts`
-keeps one bf16 copy of each frozen linear weight (what autocast computes, bit for bit) and
-swaps it in for the duration of a training step; outside steps (evaluation, saving) the
-model holds its own weights.
+tenth faster. :class:`FrozenWeightCasts` keeps one bf16 copy of each frozen linear weight
+(what autocast computes, bit for bit) and swaps it in for the duration of a training step;
+outside steps (evaluation, saving) the model holds its own weights.
 """
 
 from __future__ import annotations
@@ -90,10 +89,8 @@ class FastDropout(nn.Dropout):
     """:class:`torch.nn.Dropout` with bulk-drawn masks on CPU (see the module docstring)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0.0 or x.device.type != "cpu":
+        if not self.training or self.p in (0.0, 1.0) or x.device.type != "cpu":
             return super().forward(x)
-        if self.p == 1.0:
-            return x * 0.0
         keep, scale = keep_mask(x.shape, self.p)
         return _MaskedScale.apply(x, keep, scale)
 

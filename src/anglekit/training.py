@@ -210,6 +210,8 @@ def _make_trainer_classes():
             self._defer_rotation = False
             self.eval_seconds = 0.0
             self.dev_scores: dict[int, Any] = {}  # step -> Correlation of that evaluation
+            # bf16 compute: autocast, or weights loaded in bf16 (fixed for the whole run)
+            self.bf16_compute = self.args.bf16 or self.model.backbone.dtype == torch.bfloat16
             self.frozen_casts = None
             if self.args.device.type == "cpu" and self.args.bf16:
                 self.frozen_casts = FrozenWeightCasts(self.model.backbone, torch.bfloat16)
@@ -230,11 +232,10 @@ def _make_trainer_classes():
             return (loss, emb) if return_outputs else loss
 
         def training_step(self, model, inputs, num_items_in_batch=None):
-            bf16 = self.args.bf16 or self.model.backbone.dtype == torch.bfloat16
             length = inputs["attention_mask"].shape[-1]
             casts = self.frozen_casts
             with (
-                attention_kernels(self.args.device, bf16, length),
+                attention_kernels(self.args.device, self.bf16_compute, length),
                 casts.swapped_in() if casts else contextlib.nullcontext(),
             ):
                 return self._training_step(model, inputs, num_items_in_batch)
