@@ -12,6 +12,7 @@ import random
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -32,13 +33,14 @@ def pad_batch(
         raise ValueError(f"padding side must be 'left' or 'right', got {side!r}")
     length = max((len(x) for x in ids), default=0)
     length = -(-length // multiple) * multiple
-    input_ids = torch.full((len(ids), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), length), dtype=torch.long)
+    # Filled in numpy: a row assignment there costs a microsecond, a torch one about twenty.
+    input_ids = np.full((len(ids), length), pad_id, dtype=np.int64)
+    mask = np.zeros((len(ids), length), dtype=np.int64)
     for row, x in enumerate(ids):
         cols = slice(length - len(x), length) if side == "left" else slice(0, len(x))
-        input_ids[row, cols] = torch.as_tensor(x, dtype=torch.long)
+        input_ids[row, cols] = x
         mask[row, cols] = 1
-    return {"input_ids": input_ids, "attention_mask": mask}
+    return {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask)}
 
 
 class TokenizedDataset(Dataset):

@@ -18,6 +18,7 @@ from torch import nn
 
 from anglekit import __version__
 from anglekit._files import atomic_directory
+from anglekit.attention import use_short_attention
 from anglekit.batching import length_sorted_batches, pad_batch
 from anglekit.card import CARD_DATA_NAME, CardData, read_base_license, write_card
 from anglekit.config import CONFIG_NAME, AngleConfig, BackboneKind
@@ -281,6 +282,7 @@ class AnglE(nn.Module):
                 trust_remote_code=trust_remote_code,
                 **llm_options,
             )
+            use_short_attention(backbone)
             if config.bidirectional_from is not None:
                 llm.enable_bidirectional(backbone, config.bidirectional_from)
             if adapter is not None:
