@@ -691,6 +691,8 @@ def run_benchmark(
     selected: Sequence[str],
     runners: Mapping[str, Callable[[], list[dict[str, Any]]]],
     report_table: Callable[[Sequence[dict[str, Any]]], None],
+    rounds: int = 1,
+    speed_key: str | None = None,
 ) -> int:
     """Runs the selected systems, prints their table and writes ``bench/results/<benchmark>.json``.
 
@@ -700,15 +702,41 @@ def run_benchmark(
         selected: Systems to run, in order.
         runners: Maps each system to a function returning its result rows.
         report_table: Prints the rows as a table.
+        rounds: How often to run all selected systems, one after another each round, so a
+            machine whose speed drifts over minutes slows every system alike; each row then
+            reports the median of its rounds' ``speed_key`` (see `merge_rounds`).
+        speed_key: The row field that `merge_rounds` takes the median of (with rounds > 1).
 
     Returns:
         The exit status: 1 if any system failed, else 0.
     """
     report = Report(benchmark, [sys.executable, *sys.argv], {**asdict(config), "systems": selected})
-    report.results = run_systems(runners, selected)
+    runs = []
+    for number in range(rounds):
+        if rounds > 1:
+            print(f"[bench] round {number + 1} of {rounds}", file=sys.stderr)
+        runs.append(run_systems(runners, selected))
+    report.results = runs[0] if rounds == 1 else merge_rounds(runs, speed_key)
     report_table(report.results)
     print(f"\nresults written to {report.write()}")
     return 0 if all(row["status"] != "failed" for row in report.results) else 1
+
+
+def merge_rounds(runs: Sequence[Sequence[dict[str, Any]]], speed_key: str) -> list[dict[str, Any]]:
+    """One row per system from several rounds: the round with the median ``speed_key`` (the
+    lower middle one for an even count), plus every round's value under
+    ``rounds_<speed_key>``. A system that failed in any round keeps its failed row."""
+    merged = []
+    for rows in zip(*runs, strict=True):
+        failed = next((row for row in rows if row["status"] != "ok"), None)
+        if failed is not None:
+            merged.append(failed)
+            continue
+        ranked = sorted(rows, key=lambda row: row[speed_key])
+        merged.append(
+            {**ranked[(len(ranked) - 1) // 2], f"rounds_{speed_key}": [r[speed_key] for r in rows]}
+        )
+    return merged
 
 
 def log_path(benchmark: str, system: str) -> Path:

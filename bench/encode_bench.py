@@ -2,8 +2,11 @@
 
 Each system encodes the first 2,000 distinct STS-B sentences (train.jsonl, text1 then
 text2 of each pair, in file order) at batch 32 in its own process, after one warm-up
-pass; the reported speed comes from the median of 3 timed passes. Each also scores
-STS-B test (Spearman x100 of cosine) with the same model, so a fast wrong encoder shows.
+pass; a round's speed comes from the median of 3 timed passes. All rows run in turn,
+``--rounds`` times (default 3), and each reports its median round: this machine's speed
+drifts by up to 2x over minutes, and round-robin order lets every row share the slow
+spells. Each also scores STS-B test (Spearman x100 of cosine) with the same model, so a
+fast wrong encoder shows.
 
 Systems:
 
@@ -183,6 +186,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--count", type=int, default=EncodeConfig.count, help="sentences (default: %(default)s)"
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="run all rows this often, round-robin; each row reports its median round "
+        "(default: %(default)s)",
+    )
     args = parser.parse_args(argv)
     config = EncodeConfig(
         threads=args.threads, max_tokens_per_batch=args.max_tokens_per_batch, count=args.count
@@ -192,7 +202,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "st-onnx": lambda: bench_st(config, "st-onnx"),
         "anglekit": lambda: bench_anglekit(config),
     }
-    return _common.run_benchmark(BENCH, config, args.only, runners, print_report)
+    return _common.run_benchmark(
+        BENCH, config, args.only, runners, print_report, args.rounds, "sentences_per_s"
+    )
 
 
 if __name__ == "__main__":
