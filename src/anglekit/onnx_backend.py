@@ -187,7 +187,7 @@ def quantize_int8(model: bytes) -> bytes:
             weight_type=QuantType.QInt8,
             per_channel=True,
             op_types_to_quantize=["MatMul"],
-            extra_options={"MatMulConstBOnly": True, "DefaultTensorType": 1},
+            extra_options={"MatMulConstBOnly": True},
         )
         return target.read_bytes()
 
