@@ -54,6 +54,11 @@ def test_attention_kernels_pick_math_only_for_short_bf16_cpu_batches() -> None:
             assert torch.backends.cuda.flash_sdp_enabled()
 
 
+def _layer() -> nn.Module:
+    """An attention layer in eval mode (all the attention function reads of it)."""
+    return nn.Module().eval()
+
+
 def _qkv(batch: int, length: int, dtype: torch.dtype = torch.float32):
     torch.manual_seed(0)
     q, k, v = (torch.randn(batch, 3, length, 8, dtype=dtype) for _ in range(3))  # (B, H, T, d)
@@ -63,43 +68,47 @@ def _qkv(batch: int, length: int, dtype: torch.dtype = torch.float32):
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
-def test_short_attention_matches_sdpa(dtype: torch.dtype, tol: float) -> None:
+def test_short_attention_matches_sdpa(
+    dtype: torch.dtype, tol: float, sdpa_calls: list[int]
+) -> None:
     """The short path equals torch's SDPA (float32 reference) with a padding mask and a
     custom scale, and returns (B, T, H, d)."""
     q, k, v, mask = _qkv(4, 7, dtype)
     with torch.inference_mode():
-        out, weights = short_attention(nn.Module(), q, k, v, mask, scaling=0.3)
+        out, weights = short_attention(_layer(), q, k, v, mask, scaling=0.3)
     ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, scale=0.3)
-    assert weights is None and out.dtype == dtype
+    assert weights is None and out.dtype == dtype and sdpa_calls == []
     torch.testing.assert_close(out.float(), ref.transpose(1, 2), atol=tol, rtol=tol)
 
 
-def test_short_attention_fully_masked_row_is_finite() -> None:
+def test_short_attention_fully_masked_row_is_finite(sdpa_calls: list[int]) -> None:
     """A query that may attend nowhere averages the values instead of giving NaN."""
     q, k, v, mask = _qkv(2, 5)
     mask[1] = False
     with torch.inference_mode():
-        out, _ = short_attention(nn.Module(), q, k, v, mask)
-    assert torch.isfinite(out).all()
+        out, _ = short_attention(_layer(), q, k, v, mask)
+    assert torch.isfinite(out).all() and sdpa_calls == []
     torch.testing.assert_close(out[1], v[1].mean(dim=-2).unsqueeze(0).expand(5, 3, 8))
 
 
 def test_short_attention_hands_everything_else_to_sdpa(sdpa_calls: list[int]) -> None:
-    """Only CPU inference on short keys without dropout takes the short path."""
+    """Only CPU inference in eval mode on short keys without dropout takes the short path."""
     q, k, v, mask = _qkv(2, 6)
     with torch.inference_mode():
-        short_attention(nn.Module(), q, k, v, mask)
+        short_attention(_layer(), q, k, v, mask)
     assert sdpa_calls == []
     long_q, long_k, long_v, long_mask = _qkv(1, SHORT_ATTENTION_MAX_TOKENS + 1)
-    causal = nn.Module()
+    causal = _layer()
     causal.is_causal = True
+    training = _layer().train()
     cases = [
-        lambda: short_attention(nn.Module(), q, k, v, mask),  # gradients enabled
-        lambda: short_attention(nn.Module(), q, k, v, mask, dropout=0.1),
-        lambda: short_attention(nn.Module(), long_q, long_k, long_v, long_mask),
-        lambda: short_attention(nn.Module(), q, k[:, :1], v[:, :1], mask),  # grouped heads
+        lambda: short_attention(_layer(), q, k, v, mask),  # gradients enabled
+        lambda: short_attention(_layer(), q, k, v, mask, dropout=0.1),
+        lambda: short_attention(training, q, k, v, mask),  # training mode, dropout 0
+        lambda: short_attention(_layer(), long_q, long_k, long_v, long_mask),
+        lambda: short_attention(_layer(), q, k[:, :1], v[:, :1], mask),  # grouped heads
         lambda: short_attention(causal, q, k, v, None),  # causal without a mask
-        lambda: short_attention(nn.Module(), q, k, v, mask.float()),  # additive mask
+        lambda: short_attention(_layer(), q, k, v, mask.float()),  # additive mask
     ]
     for i, case in enumerate(cases):
         with torch.inference_mode(i > 0):

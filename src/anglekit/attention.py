@@ -15,11 +15,11 @@ of 32 dims, bf16):
   third of the time below 16 tokens, about the same at 16, 0.7-0.9 of it from 18 to 30
   tokens, and three times as long at 32 (32 and 128 sequences, bf16).
   :func:`use_short_attention` makes a backbone compute attention this way in inference on
-  CPU for keys of at most :data:`SHORT_ATTENTION_MAX_TOKENS` tokens, and through
-  transformers' SDPA attention otherwise (training or dropout, GPUs, longer sequences,
-  grouped key/value heads, causal attention without an explicit mask, export tracing). On
-  all-MiniLM-L6-v2 encoding STS-B sentences in bf16 this made ``encode`` 1.2-1.3x faster at
-  batch 128, and embeddings agree with SDPA's to a cosine of 0.9999.
+  CPU for keys of at most :data:`SHORT_ATTENTION_MAX_TOKENS` tokens in eval mode, and through
+  transformers' SDPA attention otherwise (training mode, gradients, dropout, GPUs, longer
+  sequences, grouped key/value heads, causal attention without an explicit mask, export
+  tracing). On all-MiniLM-L6-v2 encoding STS-B sentences in bf16 this made ``encode``
+  1.2-1.3x faster at batch 128, and embeddings agree with SDPA's to a cosine of 0.9999.
 
 The short path is registered with transformers as the attention implementation
 :data:`SHORT_ATTENTION`, with SDPA's boolean masks; it is not saved with the model (Hugging
@@ -70,6 +70,7 @@ def _takes_short_path(module: nn.Module, query, key, attention_mask, dropout, kw
         query.device.type == "cpu"
         and key.shape[-2] <= SHORT_ATTENTION_MAX_TOKENS
         and not torch.is_grad_enabled()
+        and not module.training  # e.g. GradCache's no-grad pass must match its replay
         and dropout == 0.0
         and not torch.jit.is_tracing()
         and query.shape[1] == key.shape[1]  # no grouped key/value heads
