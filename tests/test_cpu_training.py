@@ -1,4 +1,4 @@
-"""CPU training speed-ups: bulk-drawn dropout and frozen weight casts."""
+"""CPU training speed-ups: bulk-drawn dropout, attention kernel choice, frozen weight casts."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ import torch
 from torch import nn
 
 from anglekit.cpu_training import (
+    MATH_ATTENTION_MAX_TOKENS,
     FastDropout,
     FrozenWeightCasts,
+    attention_kernels,
     use_fast_dropout,
 )
 
@@ -107,6 +109,22 @@ def test_use_fast_dropout_replaces_every_dropout_of_a_bert(tiny_bert) -> None:
     assert not any(type(m) is nn.Dropout for m in model.modules())
     assert [m.p for m in model.modules() if isinstance(m, FastDropout)] == ps
     assert torch.equal(model(input_ids=ids).last_hidden_state, before)
+
+
+def test_attention_kernels_pick_math_only_for_short_bf16_cpu_batches() -> None:
+    """Short bf16 CPU batches disable the fused kernels; anything else leaves torch's choice."""
+    assert torch.backends.cuda.flash_sdp_enabled()
+    with attention_kernels(torch.device("cpu"), True, MATH_ATTENTION_MAX_TOKENS):
+        assert not torch.backends.cuda.flash_sdp_enabled()
+        assert torch.backends.cuda.math_sdp_enabled()
+    assert torch.backends.cuda.flash_sdp_enabled()
+    for device, bf16, length in [
+        ("cpu", False, 32),
+        ("cpu", True, MATH_ATTENTION_MAX_TOKENS + 1),
+        ("cuda", True, 32),
+    ]:
+        with attention_kernels(torch.device(device), bf16, length):
+            assert torch.backends.cuda.flash_sdp_enabled()
 
 
 def test_frozen_weight_casts_match_autocast_and_restore_the_weights() -> None:

@@ -18,10 +18,10 @@ from torch import nn
 
 from anglekit import __version__
 from anglekit._files import atomic_directory
-from anglekit.attention import use_short_attention
 from anglekit.batching import length_sorted_batches, pad_batch
 from anglekit.card import CARD_DATA_NAME, CardData, read_base_license, write_card
 from anglekit.config import CONFIG_NAME, AngleConfig, BackboneKind
+from anglekit.cpu_inference import packed_linears, use_short_attention
 from anglekit.layers import layer_outputs, truncate_backbone
 from anglekit.onnx_backend import (
     ONNX_INFO_NAME,
@@ -463,7 +463,7 @@ class AnglE(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), packed_linears(self.backbone):
                 for rows in batches:
                     out[rows] = self(**self.pad([ids[i] for i in rows])).float().cpu()
         finally:

@@ -22,11 +22,10 @@ from typing import Any
 import torch
 
 from anglekit._files import atomic_file
-from anglekit.attention import attention_kernels
 from anglekit.batching import AngleCollator, TokenizedDataset
 from anglekit.card import MEASURED_BY_TRAIN, CardData, training_options
 from anglekit.checkpoints import last_complete_checkpoint, mark_complete
-from anglekit.cpu_training import FrozenWeightCasts, use_fast_dropout
+from anglekit.cpu_training import FrozenWeightCasts, attention_kernels, use_fast_dropout
 from anglekit.data import DataFormat, TrainData, load_sts, load_train_data
 from anglekit.distributed import gather_batch
 from anglekit.espresso import EspressoConfig, EspressoLoss

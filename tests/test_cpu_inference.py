@@ -1,4 +1,4 @@
-"""Attention kernel choice on CPU: the training steps' kernel and encode's short path."""
+"""Faster encode on CPU: the short attention path and packed bf16 linear weights."""
 
 from __future__ import annotations
 
@@ -11,12 +11,11 @@ import torch.nn.functional as F
 import transformers.integrations.sdpa_attention as sdpa_module
 from torch import nn
 
-from anglekit import AnglE
-from anglekit.attention import (
-    MATH_ATTENTION_MAX_TOKENS,
+from anglekit import AnglE, cpu_inference
+from anglekit.cpu_inference import (
     SHORT_ATTENTION,
     SHORT_ATTENTION_MAX_TOKENS,
-    attention_kernels,
+    packed_linears,
     short_attention,
     use_short_attention,
 )
@@ -36,22 +35,6 @@ def sdpa_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
     monkeypatch.setattr(sdpa_module, "sdpa_attention_forward", counted)
     return calls
-
-
-def test_attention_kernels_pick_math_only_for_short_bf16_cpu_batches() -> None:
-    """Short bf16 CPU batches disable the fused kernels; anything else leaves torch's choice."""
-    assert torch.backends.cuda.flash_sdp_enabled()
-    with attention_kernels(torch.device("cpu"), True, MATH_ATTENTION_MAX_TOKENS):
-        assert not torch.backends.cuda.flash_sdp_enabled()
-        assert torch.backends.cuda.math_sdp_enabled()
-    assert torch.backends.cuda.flash_sdp_enabled()
-    for device, bf16, length in [
-        ("cpu", False, 32),
-        ("cpu", True, MATH_ATTENTION_MAX_TOKENS + 1),
-        ("cuda", True, 32),
-    ]:
-        with attention_kernels(torch.device(device), bf16, length):
-            assert torch.backends.cuda.flash_sdp_enabled()
 
 
 def _layer() -> nn.Module:
@@ -159,3 +142,71 @@ def test_use_short_attention_leaves_other_implementations(tiny_bert) -> None:
     assert not use_short_attention(eager)
     assert eager.config._attn_implementation == "eager"
     assert json.loads((tiny_bert / "config.json").read_text()).get("_attn_implementation") is None
+
+
+def _bf16_bert(tiny_bert) -> nn.Module:
+    from transformers import AutoModel
+
+    return AutoModel.from_pretrained(tiny_bert, dtype=torch.bfloat16).eval()
+
+
+def test_packed_linears_match_plain_layers_and_restore_them(tiny_bert) -> None:
+    """Every bf16 linear layer runs packed inside the block (the BERT feed-forward input with
+    its GELU fused), outputs match the plain model to bf16 rounding, and afterwards the
+    layers are plain again."""
+    model = _bf16_bert(tiny_bert)
+    linears = [m for m in model.modules() if type(m) is nn.Linear]
+    ids = torch.tensor([[2, 10, 11, 12, 3, 0], [2, 13, 14, 3, 0, 0]])
+    mask = (ids != 0).long()
+    with torch.inference_mode():
+        plain = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        with packed_linears(model) as switched:
+            assert switched == len(linears) > 0
+            assert all("forward" in vars(m) for m in linears)
+            assert all("forward" in vars(layer.intermediate) for layer in model.encoder.layer)
+            packed = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert not any("forward" in vars(m) for m in model.modules())
+    torch.testing.assert_close(packed.float(), plain.float(), atol=0.05, rtol=0.02)
+    assert not torch.equal(packed, plain) or not cpu_inference._packing_available()
+
+
+def test_packed_linear_is_exact_and_follows_weight_changes() -> None:
+    """A packed layer gives F.linear's bf16 result bit for bit, also after its weight
+    changes in place; with gradients it is plain F.linear."""
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 24).to(torch.bfloat16)
+    x = torch.randn(5, 16, dtype=torch.bfloat16)
+    with packed_linears(layer) as switched:
+        assert switched == int(cpu_inference._packing_available())
+        with torch.inference_mode():
+            assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+        with torch.no_grad():
+            layer.weight.mul_(2)
+        with torch.inference_mode():
+            assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+        assert layer(x).requires_grad
+
+
+def test_packed_linears_leave_other_layers_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """float32 layers, layers with their own instance forward, and every layer when the
+    oneDNN operators are missing stay as they are."""
+    fp32 = nn.Linear(4, 4)
+    hooked = nn.Linear(4, 4).to(torch.bfloat16)
+    hooked.forward = lambda x: x  # as accelerate's device hooks replace it
+    with packed_linears(nn.Sequential(fp32, hooked)) as switched:
+        assert switched == 0
+    assert "forward" not in vars(fp32) and "forward" in vars(hooked)
+    monkeypatch.setattr(cpu_inference, "_packing_available", lambda: False)
+    with packed_linears(nn.Linear(4, 4).to(torch.bfloat16)) as switched:
+        assert switched == 0
+
+
+def test_bf16_encode_with_packed_weights_matches_plain_encode(
+    tiny_bert, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """encode in bf16 gives the same embeddings with and without packed weights."""
+    model = AnglE.from_pretrained(str(tiny_bert), pooling="mean", dtype="bfloat16")
+    packed = model.encode(TEXTS, batch_size=4, normalize=True)
+    monkeypatch.setattr(cpu_inference, "_packing_available", lambda: False)
+    plain = model.encode(TEXTS, batch_size=4, normalize=True)
+    assert (packed * plain).sum(axis=1).min() > 0.999
