@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import io
 import json
 
 import numpy as np
@@ -204,9 +206,12 @@ def test_packed_linears_leave_other_layers_alone(monkeypatch: pytest.MonkeyPatch
 def test_bf16_encode_with_packed_weights_matches_plain_encode(
     tiny_bert, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """encode in bf16 gives the same embeddings with and without packed weights."""
+    """encode in bf16 gives the same embeddings with and without packed weights, and the
+    model can still be copied and pickled after it."""
     model = AnglE.from_pretrained(str(tiny_bert), pooling="mean", dtype="bfloat16")
     packed = model.encode(TEXTS, batch_size=4, normalize=True)
+    copy.deepcopy(model)  # packed weights are not held on the model
+    torch.save(model.backbone, io.BytesIO())
     monkeypatch.setattr(cpu_inference, "_packing_available", lambda: False)
     plain = model.encode(TEXTS, batch_size=4, normalize=True)
     assert (packed * plain).sum(axis=1).min() > 0.999
