@@ -215,3 +215,20 @@ def test_bf16_encode_with_packed_weights_matches_plain_encode(
     monkeypatch.setattr(cpu_inference, "_packing_available", lambda: False)
     plain = model.encode(TEXTS, batch_size=4, normalize=True)
     assert (packed * plain).sum(axis=1).min() > 0.999
+
+
+def test_lora_decoder_encodes_identically_with_packed_base_weights(
+    tiny_llama, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under a LoRA adapter the plain base layers run packed and the embeddings are
+    unchanged bit for bit (a Llama has no fused GELU)."""
+    pytest.importorskip("peft")
+    from anglekit.llm import LoraSettings, apply_lora
+
+    model = AnglE.from_pretrained(str(tiny_llama), dtype="bfloat16", device="cpu")
+    model.backbone = apply_lora(model.backbone, LoraSettings(r=2))
+    with packed_linears(model.backbone) as switched:
+        assert switched > 0
+    packed = model.encode(TEXTS, batch_size=2)
+    monkeypatch.setattr(cpu_inference, "_packing_available", lambda: False)
+    np.testing.assert_array_equal(model.encode(TEXTS, batch_size=2), packed)
