@@ -189,11 +189,22 @@ def _packed_weight(linear: nn.Linear) -> torch.Tensor:
     return cached[1]
 
 
-def _packed_forward(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    if torch.is_grad_enabled() or x.dtype != torch.bfloat16 or x.device.type != "cpu":
-        return F.linear(x, linear.weight, linear.bias)
+def _runs_packed(x: torch.Tensor) -> bool:
+    return not torch.is_grad_enabled() and x.dtype == torch.bfloat16 and x.device.type == "cpu"
+
+
+def _packed_product(linear: nn.Linear, x: torch.Tensor, attr: str, algorithm: str) -> torch.Tensor:
+    """``x @ W^T + b`` on the packed weight, then oneDNN's pointwise ``attr`` (``"none"``,
+    ``"gelu"`` with ``algorithm`` ``"none"`` for erf)."""
     bias = None if linear.bias is None else linear.bias.detach()
-    return torch.ops.mkldnn._linear_pointwise(x, _packed_weight(linear), bias, "none", [], "")
+    weight = _packed_weight(linear)
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, [], algorithm)
+
+
+def _packed_forward(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    if not _runs_packed(x):
+        return F.linear(x, linear.weight, linear.bias)
+    return _packed_product(linear, x, "none", "")
 
 
 def _is_erf_gelu(act: Any) -> bool:
@@ -203,12 +214,23 @@ def _is_erf_gelu(act: Any) -> bool:
 
 
 def _dense_gelu_forward(block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    dense = block.dense
-    if torch.is_grad_enabled() or hidden.dtype != torch.bfloat16 or hidden.device.type != "cpu":
-        return block.intermediate_act_fn(dense(hidden))
-    bias = None if dense.bias is None else dense.bias.detach()
-    weight = _packed_weight(dense)
-    return torch.ops.mkldnn._linear_pointwise(hidden, weight, bias, "gelu", [], "none")
+    if not _runs_packed(hidden):
+        return block.intermediate_act_fn(block.dense(hidden))
+    return _packed_product(block.dense, hidden, "gelu", "none")
+
+
+def _packable_layers(module: nn.Module) -> list[nn.Linear]:
+    """The module's plain CPU bf16 linear layers, none where oneDNN packing is missing."""
+    if not _packing_available():
+        return []
+    return [
+        m
+        for m in module.modules()
+        if type(m) is nn.Linear
+        and m.weight.dtype == torch.bfloat16
+        and m.weight.device.type == "cpu"
+        and "forward" not in vars(m)
+    ]
 
 
 def _dense_gelu_blocks(module: nn.Module, layers: list[nn.Linear]) -> list[nn.Module]:
@@ -239,16 +261,7 @@ def packed_linears(module: nn.Module) -> Iterator[int]:
     Yields:
         The number of layers switched.
     """
-    layers = [
-        m
-        for m in module.modules()
-        if type(m) is nn.Linear
-        and m.weight.dtype == torch.bfloat16
-        and m.weight.device.type == "cpu"
-        and "forward" not in vars(m)
-    ]
-    if not _packing_available():
-        layers = []
+    layers = _packable_layers(module)
     blocks = _dense_gelu_blocks(module, layers)
     for layer in layers:
         layer.forward = functools.partial(_packed_forward, layer)
