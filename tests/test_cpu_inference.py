@@ -106,7 +106,7 @@ def test_from_pretrained_uses_short_attention_and_encodes_as_sdpa(
 ) -> None:
     """A loaded BERT encodes through the short path, with the same embeddings as SDPA
     (padded batches included), and saves a config without the implementation name."""
-    model = AnglE.from_pretrained(str(tiny_bert), pooling="mean")
+    model = AnglE.from_pretrained(str(tiny_bert), pooling="mean", device="cpu")
     assert model.backbone.config._attn_implementation == SHORT_ATTENTION
     short = model.encode(TEXTS, batch_size=4)
     assert sdpa_calls == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import string
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from anglekit import AnglE, Prompts
+from anglekit import AnglE, Prompts, llm
 from anglekit.cli import main
 from anglekit.config import CONFIG_NAME, AngleConfig
 from anglekit.training import fit
@@ -413,3 +414,20 @@ def test_training_texts_carry_the_model_prompt(tiny_llama: Path) -> None:
     prompted = angle.tokenize(['Summarize sentence "a cat" in one word:"'])
     assert training_tokenizer(angle)(["a cat"]) == prompted
     assert training_tokenizer(angle)(["a cat"]) != angle.tokenize(["a cat"])
+
+
+def test_int8_cast_warning_shows_once(caplog):
+    """bitsandbytes' per-product float16 cast warning reaches the log once; others pass."""
+    llm.show_int8_cast_warning_once()
+    llm.show_int8_cast_warning_once()  # no second filter
+    logger = logging.getLogger(llm.INT8_CAST_LOGGER)
+    assert len(logger.filters) == 1
+    with caplog.at_level(logging.WARNING, logger=llm.INT8_CAST_LOGGER):
+        for _ in range(3):
+            logger.warning(
+                "%s from %s to float16 during quantization", llm.INT8_CAST_MESSAGE, "bf16"
+            )
+            logger.warning("another message")
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum(m.startswith(llm.INT8_CAST_MESSAGE) for m in messages) == 1
+    assert messages.count("another message") == 3

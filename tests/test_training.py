@@ -134,3 +134,12 @@ def test_loaded_model_refuses_loading_options(tiny_bert, sts_files, tmp_path):
     train, _ = sts_files
     with pytest.raises(ValueError, match="pooling"):
         fit(model, str(train), pooling="mean", output_dir=str(tmp_path / "x"), **FAST)
+
+
+def test_fp16_with_float16_trainable_weights_fails_before_training(tiny_bert, sts_files, tmp_path):
+    """fp16 mixed precision cannot unscale float16 gradients: refused, naming the fix."""
+    train, _ = sts_files
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="trainable parameters are float16.*lora=True"):
+        fit(str(tiny_bert), str(train), dtype="float16", fp16=True, output_dir=str(out), **FAST)
+    assert not out.exists()

@@ -43,6 +43,9 @@ logger = logging.getLogger(__name__)
 
 ADAPTER_CONFIG = "adapter_config.json"
 KBITS = (4, 8)
+# bitsandbytes logs this on every 8-bit matrix product whose input is not float16.
+INT8_CAST_LOGGER = "bitsandbytes.autograd._functions"
+INT8_CAST_MESSAGE = "MatMul8bitLt: inputs will be cast"
 LLM_EXTRA = 'pip install "anglekit[llm]"'
 
 
@@ -261,6 +264,7 @@ def kbit_config(bits: int, compute_dtype: torch.dtype) -> Any:
     from transformers import BitsAndBytesConfig
 
     if bits == 8:
+        show_int8_cast_warning_once()
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(
         load_in_4bit=True,
@@ -268,6 +272,32 @@ def kbit_config(bits: int, compute_dtype: torch.dtype) -> Any:
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute_dtype,
     )
+
+
+class _FirstOnly(logging.Filter):
+    """Passes the first record whose message starts with ``prefix`` and drops its repeats."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+        self.seen = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.getMessage().startswith(self.prefix):
+            return True
+        first, self.seen = not self.seen, True
+        return first
+
+
+def show_int8_cast_warning_once() -> None:
+    """Keep bitsandbytes' "inputs will be cast to float16" warning to its first time.
+
+    8-bit layers compute in float16 whatever the model's dtype, and bitsandbytes says so on
+    every matrix product: hundreds of identical lines per batch of a bfloat16 model.
+    """
+    logger = logging.getLogger(INT8_CAST_LOGGER)
+    if not any(isinstance(f, _FirstOnly) for f in logger.filters):
+        logger.addFilter(_FirstOnly(INT8_CAST_MESSAGE))
 
 
 def prepare_kbit_training(backbone: nn.Module, gradient_checkpointing: bool) -> nn.Module:

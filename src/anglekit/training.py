@@ -472,6 +472,8 @@ def fit(
             target_modules=LoraSettings.parse_targets(opts.lora_target_modules),
         )
         prepare_lora_training(model, settings, opts.gradient_checkpointing)
+    if opts.fp16:
+        _check_fp16_trainable(model)
     use_fast_dropout(model.backbone)
     if data is None:
         dataset = StreamingDataset(
@@ -684,6 +686,23 @@ def _card_for_run(
         data=data_info,
         repo_id=opts.push_to_hub,
     )
+
+
+def _check_fp16_trainable(model: AnglE) -> None:
+    """fp16 mixed precision scales the loss and unscales float32 gradients; torch refuses to
+    unscale float16 ones, so float16 weights can be trained only through a LoRA adapter
+    (whose weights peft keeps in float32)."""
+    half = [
+        name
+        for name, p in model.backbone.named_parameters()
+        if p.requires_grad and p.dtype == torch.float16
+    ]
+    if half:
+        raise ValueError(
+            f"fp16 mixed precision trains float32 weights, but {len(half)} trainable "
+            f"parameters are float16 (first: {half[0]}); load the model with "
+            "dtype='float32', or train a LoRA adapter (lora=True)"
+        )
 
 
 def _warn_on_label_scale(data: TrainData, loss: LossConfig) -> None:
