@@ -1,10 +1,12 @@
-"""Faster encode on CPU: the short attention path and packed bf16 linear weights."""
+"""Faster CPU encode: short-sequence attention, packed bf16 weights, batches side by side."""
 
 from __future__ import annotations
 
 import copy
 import io
 import json
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -17,6 +19,7 @@ from anglekit import AnglE, cpu_inference
 from anglekit.cpu_inference import (
     SHORT_ATTENTION,
     SHORT_ATTENTION_MAX_TOKENS,
+    map_batches,
     packed_linears,
     short_attention,
     use_short_attention,
@@ -232,3 +235,82 @@ def test_lora_decoder_encodes_identically_with_packed_base_weights(
     packed = model.encode(TEXTS, batch_size=2)
     monkeypatch.setattr(cpu_inference, "_packing_available", lambda: False)
     np.testing.assert_array_equal(model.encode(TEXTS, batch_size=2), packed)
+
+
+@pytest.fixture
+def two_threads():
+    """torch at 2 intra-op threads for the test, then as before."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def _thread_count_of_a_new_thread() -> int:
+    box: list[int] = []
+    thread = threading.Thread(target=lambda: box.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    return box[0]
+
+
+def test_map_batches_runs_batches_side_by_side_with_the_callers_settings(two_threads):
+    """Two workers of one intra-op thread each, in the caller's inference and autocast modes;
+    results in order; afterwards the caller and threads started later have 2 threads again."""
+    seen = []
+
+    def fn(i: int) -> int:
+        time.sleep(0.01)  # releases the GIL, as torch's kernels do: both workers take batches
+        seen.append(
+            (
+                threading.get_ident(),
+                torch.get_num_threads(),
+                torch.is_inference_mode_enabled(),
+                torch.is_autocast_enabled("cpu"),
+            )
+        )
+        return i * i
+
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert list(map_batches(fn, range(8))) == [i * i for i in range(8)]
+    workers = {ident for ident, *_ in seen}
+    assert len(workers) == 2 and threading.get_ident() not in workers
+    assert {tuple(rest) for _, *rest in seen} == {(1, True, True)}
+    assert torch.get_num_threads() == 2
+    assert _thread_count_of_a_new_thread() == 2
+
+
+def test_map_batches_is_map_with_one_thread_or_one_batch(two_threads):
+    """One batch, or one intra-op thread: everything runs in the calling thread."""
+    caller = threading.get_ident()
+    assert list(map_batches(lambda i: threading.get_ident(), [0])) == [caller]
+    torch.set_num_threads(1)
+    assert list(map_batches(lambda i: threading.get_ident(), range(3))) == [caller] * 3
+
+
+def test_map_batches_passes_errors_on_and_restores_threads(two_threads):
+    """A failing batch raises in the caller; stopping early does not hang; threads restored."""
+
+    def fn(i: int) -> int:
+        if i == 3:
+            raise ValueError("batch 3")
+        return i
+
+    with pytest.raises(ValueError, match="batch 3"):
+        list(map_batches(fn, range(6)))
+    results = map_batches(fn, range(3))
+    assert next(results) == 0
+    results.close()
+    assert torch.get_num_threads() == 2
+    assert _thread_count_of_a_new_thread() == 2
+
+
+def test_encode_agrees_on_one_and_two_threads(tiny_bert, two_threads):
+    """Batches side by side (2 threads) give the embeddings of one thread, in input order."""
+    model = AnglE.from_pretrained(str(tiny_bert), pooling="mean", device="cpu")
+    texts = [f"{t} {i}" for i in range(10) for t in TEXTS]
+    two = model.encode(texts, batch_size=4)
+    torch.set_num_threads(1)
+    one = model.encode(texts, batch_size=4)
+    np.testing.assert_allclose(two, one, atol=1e-6)
+    np.testing.assert_allclose(two[5], model.encode(texts[5]), atol=1e-6)

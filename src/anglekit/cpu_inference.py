@@ -32,6 +32,15 @@ bf16 linear weights. Encoding 2,000 STS-B sentences with all-MiniLM-L6-v2 in bf1
 median of 12 interleaved passes was 1.13x (batch 32) and 1.08x (batch 128) faster with
 packed weights; fusing the GELU took a further 8% off a forward pass of 128 sentences
 (fastest of 30). Without those oneDNN operators (another torch build) layers run as before.
+
+**Batches side by side.** torch splits every operation over its intra-op threads and waits
+for all of them at its end; the many small operations of short-sentence batches (layer
+norms, residual adds, the softmax) spend much of their time in those waits. :func:`map_batches`
+instead runs whole batches at once on as many worker threads as torch has intra-op threads,
+each worker with one intra-op thread (torch's kernels release the GIL). Encoding 2,000
+STS-B sentences with all-MiniLM-L6-v2 in bf16 on 2 cores at a 2,048-token budget, six
+interleaved pairs of passes were 1.05-1.18x faster this way (median 1.15x), with identical
+embeddings.
 """
 
 from __future__ import annotations
@@ -39,8 +48,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import weakref
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +59,7 @@ from torch import nn
 __all__ = [
     "SHORT_ATTENTION",
     "SHORT_ATTENTION_MAX_TOKENS",
+    "map_batches",
     "packed_linears",
     "short_attention",
     "use_short_attention",
@@ -272,3 +283,44 @@ def packed_linears(module: nn.Module) -> Iterator[int]:
     finally:
         for patched in (*layers, *blocks):
             del patched.forward
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def map_batches(fn: Callable[[T], R], batches: Sequence[T]) -> Iterator[R]:
+    """``map(fn, batches)`` with the batches run side by side on CPU worker threads.
+
+    Workers: one per intra-op thread of the caller (``torch.get_num_threads()``), at most one
+    per batch, sharing those threads between them (one each when there are enough batches).
+    Each call of ``fn`` runs under the caller's grad, inference-mode and CPU autocast
+    settings, which torch keeps per thread. With one thread or one batch this is ``map`` in
+    the calling thread. Results come in the order of ``batches``.
+    """
+    threads = torch.get_num_threads()
+    workers = min(threads, len(batches))
+    if workers < 2:
+        yield from map(fn, batches)
+        return
+    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+    autocast = torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
+
+    def call(batch: T) -> R:
+        with (
+            torch.inference_mode(inference),
+            torch.set_grad_enabled(grad),
+            torch.autocast("cpu", dtype=autocast[1], enabled=autocast[0]),
+        ):
+            return fn(batch)
+
+    pool = ThreadPoolExecutor(
+        workers, initializer=torch.set_num_threads, initargs=(threads // workers,)
+    )
+    try:
+        yield from pool.map(call, batches)
+    finally:
+        pool.shutdown(cancel_futures=True)
+        # torch's thread count is per thread, but threads started later copy the count most
+        # recently set anywhere (here, the workers'): set the caller's again.
+        torch.set_num_threads(threads)

@@ -21,11 +21,12 @@ from anglekit._files import atomic_directory
 from anglekit.batching import length_sorted_batches, pad_batch
 from anglekit.card import CARD_DATA_NAME, CardData, read_base_license, write_card
 from anglekit.config import CONFIG_NAME, AngleConfig, BackboneKind
-from anglekit.cpu_inference import packed_linears, use_short_attention
+from anglekit.cpu_inference import map_batches, packed_linears, use_short_attention
 from anglekit.layers import layer_outputs, truncate_backbone
 from anglekit.onnx_backend import (
     ONNX_INFO_NAME,
     Backend,
+    OnnxBackbone,
     Quantization,
     load_onnx_backbone,
     parse_backend,
@@ -455,17 +456,24 @@ class AnglE(nn.Module):
         ids = self.tokenize(batch, self.template(prompt, prompt_name))
         batches = length_sorted_batches([len(x) for x in ids], batch_size, max_tokens_per_batch)
         out = torch.empty(len(ids), self.hidden_size, dtype=torch.float32)
-        show = sys.stderr.isatty() if show_progress is None else show_progress
-        if show and len(batches) > 1:
-            from tqdm.auto import tqdm
 
-            batches = tqdm(batches, desc="encode", unit="batch")
+        def embed(rows: list[int]) -> torch.Tensor:
+            return self(**self.pad([ids[i] for i in rows])).float().cpu()
+
         was_training = self.training
         self.eval()
         try:
             with torch.inference_mode(), packed_linears(self.backbone):
-                for rows in batches:
-                    out[rows] = self(**self.pad([ids[i] for i in rows])).float().cpu()
+                # onnxruntime threads its own sessions; GPUs take batches one at a time.
+                on_cpu = self.device.type == "cpu" and not isinstance(self.backbone, OnnxBackbone)
+                vectors = map_batches(embed, batches) if on_cpu else map(embed, batches)
+                show = sys.stderr.isatty() if show_progress is None else show_progress
+                if show and len(batches) > 1:
+                    from tqdm.auto import tqdm
+
+                    vectors = tqdm(vectors, total=len(batches), desc="encode", unit="batch")
+                for rows, vecs in zip(batches, vectors, strict=True):
+                    out[rows] = vecs
         finally:
             self.train(was_training)
         out = out[:, :dim]
