@@ -314,3 +314,22 @@ def test_encode_agrees_on_one_and_two_threads(tiny_bert, two_threads):
     one = model.encode(texts, batch_size=4)
     np.testing.assert_allclose(two, one, atol=1e-6)
     np.testing.assert_allclose(two[5], model.encode(texts[5]), atol=1e-6)
+
+
+def test_map_batches_caps_its_workers_and_shares_the_threads():
+    """Eight threads over many batches: MAX_BATCH_WORKERS workers of 8 / workers threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(8)
+    seen = set()
+
+    def fn(i: int) -> int:
+        time.sleep(0.01)
+        seen.add((threading.get_ident(), torch.get_num_threads()))
+        return i
+
+    try:
+        assert list(map_batches(fn, range(16))) == list(range(16))
+    finally:
+        torch.set_num_threads(before)
+    assert len(seen) == cpu_inference.MAX_BATCH_WORKERS
+    assert {n for _, n in seen} == {8 // cpu_inference.MAX_BATCH_WORKERS}
