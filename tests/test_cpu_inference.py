@@ -333,3 +333,29 @@ def test_map_batches_caps_its_workers_and_shares_the_threads():
         torch.set_num_threads(before)
     assert len(seen) == cpu_inference.MAX_BATCH_WORKERS
     assert {n for _, n in seen} == {8 // cpu_inference.MAX_BATCH_WORKERS}
+
+
+def test_encodes_in_several_threads_at_once_agree(tiny_bert):
+    """Concurrent encodes of one bf16 model (one packs, the others run unpacked) give the
+    sequential embeddings, and every layer gets its own forward back."""
+    model = AnglE.from_pretrained(str(tiny_bert), dtype="bfloat16", device="cpu")
+    texts = [f"{t} {i}" for i in range(6) for t in TEXTS]
+    reference = model.encode(texts, batch_size=8)
+    results, errors = [], []
+
+    def work() -> None:
+        try:
+            for _ in range(5):
+                results.append(model.encode(texts, batch_size=8))
+        except Exception as err:  # reported below, in the test's thread
+            errors.append(err)
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and len(results) == 15
+    for vecs in results:
+        np.testing.assert_allclose(vecs, reference, atol=2e-2)  # packed vs unpacked: bf16 rounding
+    assert not any("forward" in vars(m) for m in model.modules())

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -189,6 +190,11 @@ _PACKED: weakref.WeakKeyDictionary[nn.Linear, tuple[tuple[int, int], torch.Tenso
 )
 
 
+# Held while packed_linears switches layers in or out, so that blocks opened in several
+# threads each switch a whole model or nothing.
+_PATCHING = threading.Lock()
+
+
 def _packing_available() -> bool:
     mkldnn = torch.ops.mkldnn
     return (
@@ -272,7 +278,8 @@ def packed_linears(module: nn.Module) -> Iterator[int]:
     without gradients (see the module docstring); with gradients they run as ``F.linear``.
 
     Layers of other classes (LoRA layers, quantised layers) and layers whose ``forward`` is
-    already replaced on the instance (accelerate's device hooks) are left alone. A BERT-style
+    already replaced on the instance (accelerate's device hooks, or this block open in
+    another thread's ``encode``, which then runs unpacked) are left alone. A BERT-style
     feed-forward input (a block of only ``dense`` and an erf GELU) also applies the GELU
     inside the product (oneDNN rounds once to bf16 after it, where ``F.gelu`` rounds before
     and after, so these outputs differ by bf16 rounding).
@@ -280,17 +287,20 @@ def packed_linears(module: nn.Module) -> Iterator[int]:
     Yields:
         The number of layers switched.
     """
-    layers = _packable_layers(module)
-    blocks = _dense_gelu_blocks(module, layers)
-    for layer in layers:
-        layer.forward = functools.partial(_packed_forward, layer)
-    for block in blocks:
-        block.forward = functools.partial(_dense_gelu_forward, block)
+    with _PATCHING:
+        layers = _packable_layers(module)
+        blocks = _dense_gelu_blocks(module, layers)
+        patches = [(m, functools.partial(_packed_forward, m)) for m in layers]
+        patches += [(m, functools.partial(_dense_gelu_forward, m)) for m in blocks]
+        for patched, forward in patches:
+            patched.forward = forward
     try:
         yield len(layers)
     finally:
-        for patched in (*layers, *blocks):
-            del patched.forward
+        with _PATCHING:
+            for patched, forward in patches:
+                if vars(patched).get("forward") is forward:
+                    del patched.forward
 
 
 T = TypeVar("T")
