@@ -667,6 +667,7 @@ class Report:
     command: list[str]
     config: dict[str, Any]
     results: list[dict[str, Any]] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def write(self) -> Path:
         """Writes ``bench/results/<benchmark>.json`` and returns its path."""
@@ -680,6 +681,7 @@ class Report:
             "anglekit_repo": repo_state(),
             "config": self.config,
             "results": self.results,
+            **self.extra,
         }
         path.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
         return path
@@ -693,6 +695,7 @@ def run_benchmark(
     report_table: Callable[[Sequence[dict[str, Any]]], None],
     rounds: int = 1,
     speed_key: str | None = None,
+    follow_up: Callable[[list[dict[str, Any]]], dict[str, Any]] | None = None,
 ) -> int:
     """Runs the selected systems, prints their table and writes ``bench/results/<benchmark>.json``.
 
@@ -706,6 +709,8 @@ def run_benchmark(
             machine whose speed drifts over minutes slows every system alike; each row then
             reports the median of its rounds' ``speed_key`` (see `merge_rounds`).
         speed_key: The row field that `merge_rounds` takes the median of (with rounds > 1).
+        follow_up: Run after the table is printed, with the rows; prints its own findings and
+            returns further sections of the results file.
 
     Returns:
         The exit status: 1 if any system failed, else 0.
@@ -718,6 +723,8 @@ def run_benchmark(
         runs.append(run_systems(runners, selected))
     report.results = runs[0] if rounds == 1 else merge_rounds(runs, speed_key)
     report_table(report.results)
+    if follow_up is not None:
+        report.extra = follow_up(report.results)
     print(f"\nresults written to {report.write()}")
     return 0 if all(row["status"] != "failed" for row in report.results) else 1
 
