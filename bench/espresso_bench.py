@@ -3,7 +3,8 @@
 all-MiniLM-L6-v2 (packaged) is fine-tuned on STS-B train three ways with the budget of
 ``train_bench.py``: ``--steps`` (200) optimiser steps of 32 pairs, max length 64, lr 2e-5,
 no warmup, mean pooling, seed 42, anglekit's default precision (bf16 where the CPU runs it
-natively), keeping the checkpoint with the best STS-B dev Spearman:
+natively), keeping the checkpoint with the best STS-B dev Spearman: by default its mean over
+the whole layers x dims grid below (``dev_sizes``), with ``--select full`` at full size:
 
 - ``plain``: the AnglE loss only;
 - ``matryoshka``: ``--matryoshka-dims 32,64,128,384`` (weights 1);
@@ -63,6 +64,7 @@ class Config:
     seed: int = 42
     layers: tuple[int, ...] = LAYERS
     dims: tuple[int, ...] = DIMS
+    select: str = "grid"  # checkpoints by mean dev over the grid, or "full" size only
     variant_options: dict[str, dict[str, Any]] = field(
         default_factory=lambda: dict(VARIANT_OPTIONS)
     )
@@ -85,6 +87,7 @@ def train(config: Config, variant: str, output_dir: Path) -> dict[str, Any]:
         seed=config.seed,
         progress=False,
         plots=False,
+        dev_sizes=None if config.select == "full" else grid_sizes(config),
         **config.variant_options[variant],
     )
     return {
@@ -93,6 +96,11 @@ def train(config: Config, variant: str, output_dir: Path) -> dict[str, Any]:
         "best_step": result.best_step,
         "best_dev_spearman": result.best_dev_spearman,
     }
+
+
+def grid_sizes(config: Config) -> str:
+    """The grid as ``fit``'s ``dev_sizes``: ``"2x32,2x64,...,6x384"``."""
+    return ",".join(f"{layers}x{dims}" for layers in config.layers for dims in config.dims)
 
 
 def score_grid(model_dir: Path | str, config: Config, split: str) -> dict[str, float]:
@@ -187,8 +195,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--count", type=int, default=2000, help="sentences timed per layer count (default: 2000)"
     )
+    parser.add_argument(
+        "--select",
+        choices=("grid", "full"),
+        default="grid",
+        help="keep the checkpoint best on mean dev over the grid, or at full size "
+        "(default: %(default)s)",
+    )
     args = parser.parse_args(argv)
-    config = Config(steps=args.steps, threads=args.threads, count=args.count)
+    config = Config(steps=args.steps, threads=args.threads, count=args.count, select=args.select)
     _common.setup_torch(args.threads)
     from transformers.utils import logging as hf_logging
 

@@ -14,14 +14,17 @@ from transformers import BertConfig, BertModel, GPT2Config, GPT2Model, Qwen2Conf
 from anglekit import AnglE, fit
 from anglekit.cli import main
 from anglekit.config import CONFIG_NAME
+from anglekit.data import StsPairs
 from anglekit.espresso import (
     EspressoConfig,
     EspressoLoss,
     LayerSchedule,
     alignment_loss,
     layer_weights,
+    parse_sizes,
     pca_targets,
 )
+from anglekit.evaluation import evaluate_pairs, evaluate_sizes
 from anglekit.layers import layer_outputs, layer_stack, truncate_backbone
 from anglekit.losses import AngleLoss
 from anglekit.training import SUMMARY_FILE
@@ -342,3 +345,78 @@ def test_cli_encode_with_fewer_layers_and_dims(tiny_bert, tmp_path):
     assert main([*argv, "--output", str(out), "--layers", "1", "--embedding-size", "8"]) == 0
     expected = AnglE.from_pretrained(str(tiny_bert), layers=1, device="cpu").encode(TEXTS)
     np.testing.assert_allclose(np.load(out), expected[:, :8], atol=1e-5)
+
+
+def test_encode_all_layers_gives_every_depth(tiny_bert):
+    """encode(all_layers=True)[l-1] is the encoding of the model cut to l layers; dims,
+    normalisation and single texts apply as in a plain encode."""
+    model = AnglE.from_pretrained(str(tiny_bert), pooling="mean", device="cpu")
+    every = model.encode(TEXTS, all_layers=True, batch_size=3)
+    assert every.shape == (2, 4, 32)
+    np.testing.assert_allclose(every[-1], model.encode(TEXTS), atol=1e-6)
+    cut = AnglE.from_pretrained(str(tiny_bert), pooling="mean", device="cpu", layers=1)
+    np.testing.assert_allclose(every[0], cut.encode(TEXTS), atol=1e-5)
+    small = model.encode(TEXTS, all_layers=True, embedding_size=8, normalize=True)
+    assert small.shape == (2, 4, 8)
+    np.testing.assert_allclose(np.linalg.norm(small, axis=-1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(model.encode(TEXTS[1], all_layers=True), every[:, 1], atol=1e-6)
+    with pytest.raises(ValueError, match="float32"):
+        model.encode(TEXTS, all_layers=True, precision="int8")
+
+
+def test_parse_sizes():
+    """layers x dims cells from text or pairs; malformed or non-positive cells refused."""
+    assert parse_sizes("2x64, 6X384") == ((2, 64), (6, 384))
+    assert parse_sizes([(4, 128)]) == ((4, 128),)
+    assert parse_sizes(None) == ()
+    for bad in ("2x", "0x64", "2x64x3", "two", [(1,)]):
+        with pytest.raises(ValueError, match="<layers>x<dims>"):
+            parse_sizes(bad)
+
+
+def test_evaluate_sizes_scores_each_cell_from_one_encoding():
+    """Each (layers, dims) cell equals evaluate_pairs on that slice; one encode call."""
+    rng = np.random.default_rng(0)
+    texts = [f"t{i}" for i in range(12)]
+    every = rng.normal(size=(3, 12, 16))
+    table = {t: i for i, t in enumerate(texts)}
+    pairs = StsPairs(texts[:6], texts[6:], np.arange(6.0))
+    calls = []
+
+    def encode_layers(batch):
+        calls.append(batch)
+        return every[:, [table[t] for t in batch]]
+
+    scores = evaluate_sizes(encode_layers, pairs, [(1, 4), (3, 16)])
+    assert len(calls) == 1 and set(scores) == {(1, 4), (3, 16)}
+    for (layers, dims), corr in scores.items():
+        cell = every[layers - 1, :, :dims]
+        want = evaluate_pairs(lambda b, cell=cell: cell[[table[t] for t in b]], pairs)
+        assert corr.spearman == pytest.approx(want.spearman)
+    assert scores[(1, 4)].spearman != pytest.approx(scores[(3, 16)].spearman)
+
+
+def test_fit_keeps_the_checkpoint_best_over_dev_sizes(tiny_bert, tmp_path):
+    """With dev_sizes the kept checkpoint's score is the mean over the cells, each logged."""
+    rows = [{"text1": w, "text2": TEXTS[i % 4], "label": float(i % 6)} for i, w in enumerate(WORDS)]
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    dev = write_jsonl(tmp_path / "dev.jsonl", rows)
+    options = dict(
+        dev_data=str(dev), max_steps=4, eval_steps=2, batch_size=4, learning_rate=1e-3,
+        progress=False, plots=False, ese=True, ese_compression_size=8,
+    )  # fmt: skip
+    result = fit(
+        str(tiny_bert), str(train), output_dir=str(tmp_path / "run"), dev_sizes="1x8,2x32",
+        **options,
+    )  # fmt: skip
+    state = json.loads((tmp_path / "run" / "checkpoint-4" / "trainer_state.json").read_text())
+    evals = [e for e in state["log_history"] if "eval_spearman" in e]
+    assert [e["step"] for e in evals] == [2, 4]
+    for e in evals:
+        cells = (e["eval_spearman_1x8"], e["eval_spearman_2x32"])
+        assert e["eval_spearman"] == pytest.approx(sum(cells) / 2)
+    assert result.best_dev_spearman == pytest.approx(max(e["eval_spearman"] for e in evals))
+    with pytest.raises(ValueError, match="3x8 exceed this model's 2 layers x 32 dims"):
+        fit(str(tiny_bert), str(train), output_dir=str(tmp_path / "x"), dev_sizes="3x8", **options)
+    with pytest.raises(ValueError, match="dev_sizes: size 'x8'"):
+        fit(str(tiny_bert), str(train), output_dir=str(tmp_path / "x"), dev_sizes="x8", **options)

@@ -37,6 +37,8 @@ def test_onnx_matches_torch_encoder(tiny_bert):
     expected = torch_model.encode(TEXTS)
     np.testing.assert_allclose(onnx_model.encode(TEXTS, batch_size=1), expected, atol=1e-5)
     np.testing.assert_allclose(onnx_model.encode(TEXTS, batch_size=3), expected, atol=1e-5)
+    with pytest.raises(ValueError, match="all_layers needs the torch backend"):
+        onnx_model.encode(TEXTS, all_layers=True)
 
 
 def test_onnx_matches_torch_decoder_with_prompt(tiny_llama):

@@ -259,6 +259,32 @@ def _numbers(value: Any, kind: type, name: str) -> tuple | None:
         ) from None
 
 
+def parse_sizes(value: Any) -> tuple[tuple[int, int], ...]:
+    """``"2x64,6x384"``, ``[(2, 64), (6, 384)]`` or ``None`` as (layers, dims) cells (``()``
+    for ``None``).
+
+    Raises:
+        ValueError: an item is not ``<layers>x<dims>`` with both at least 1.
+    """
+    if value is None:
+        return ()
+    items = value.split(",") if isinstance(value, str) else list(value)
+    cells = []
+    for item in items:
+        try:
+            layers, dims = (
+                (int(n) for n in item.strip().lower().split("x"))
+                if isinstance(item, str)
+                else (int(n) for n in item)
+            )
+        except (TypeError, ValueError):
+            layers = dims = 0
+        if layers < 1 or dims < 1:
+            raise ValueError(f"size {item!r} must be <layers>x<dims>, e.g. 2x64") from None
+        cells.append((layers, dims))
+    return tuple(cells)
+
+
 @dataclass(frozen=True)
 class EspressoConfig:
     """Options for training embeddings that work at fewer layers and dimensions.

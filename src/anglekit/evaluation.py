@@ -253,6 +253,34 @@ def evaluate_pairs(encode: Encoder, pairs: StsPairs) -> Correlation:
     return sts_correlations(pair_cosines(encode, pairs), pairs.scores)
 
 
+def evaluate_sizes(
+    encode_layers: Callable[[list[str]], np.ndarray],
+    pairs: StsPairs,
+    sizes: Sequence[tuple[int, int]],
+) -> dict[tuple[int, int], Correlation]:
+    """Score one STS set at several (layers, dimensions) sizes from one encoding pass.
+
+    Args:
+        encode_layers: maps ``M`` texts to ``(L, M, D)`` embeddings of every depth
+            (``AnglE.encode(..., all_layers=True)``).
+        pairs: the sentence pairs and gold scores.
+        sizes: ``(l, k)`` cells: layer ``l`` (1-based) cut to its first ``k`` dimensions.
+
+    Returns:
+        The :class:`Correlation` of each cell.
+    """
+    texts = list(dict.fromkeys([*pairs.text1, *pairs.text2]))
+    every = np.asarray(encode_layers(texts))  # (L, M, D)
+    row = {t: i for i, t in enumerate(texts)}
+    return {
+        (layer, dims): evaluate_pairs(
+            lambda batch, layer=layer, dims=dims: every[layer - 1, [row[t] for t in batch], :dims],
+            pairs,
+        )
+        for layer, dims in sizes
+    }
+
+
 # --- SentEval layout -------------------------------------------------------------------------
 
 

@@ -22,7 +22,7 @@ from anglekit.batching import length_sorted_batches, pad_batch
 from anglekit.card import CARD_DATA_NAME, CardData, read_base_license, write_card
 from anglekit.config import CONFIG_NAME, AngleConfig, BackboneKind
 from anglekit.cpu_inference import map_batches, packed_linears, use_short_attention
-from anglekit.layers import layer_outputs, truncate_backbone
+from anglekit.layers import layer_outputs, num_layers, truncate_backbone
 from anglekit.onnx_backend import (
     ONNX_INFO_NAME,
     Backend,
@@ -412,6 +412,7 @@ class AnglE(nn.Module):
         max_tokens_per_batch: int | None = None,
         precision: str | Precision = Precision.FLOAT32,
         calibration: np.ndarray | None = None,
+        all_layers: bool = False,
     ) -> np.ndarray | torch.Tensor:
         """Embed texts.
 
@@ -436,6 +437,9 @@ class AnglE(nn.Module):
                 last (see :mod:`anglekit.quantization`).
             calibration: ``(M, D)`` embeddings whose per-dimension ranges scale ``int8`` and
                 ``uint8`` outputs; default: the ranges of this call's embeddings.
+            all_layers: the embeddings of every depth at once, ``(L, N, D)`` (``(L, D)`` for
+                one text): entry ``l - 1`` is what the model cut to ``l`` layers gives (see
+                :mod:`anglekit.layers`); float32 only.
 
         Returns:
             The embeddings: float32, or the integer dtype of ``precision``.
@@ -448,6 +452,10 @@ class AnglE(nn.Module):
                 f"texts must be strings; item {bad[0]} is {type(batch[bad[0]]).__name__}"
             )
         precision = parse_precision(precision)
+        if all_layers and (precision != Precision.FLOAT32 or calibration is not None):
+            raise ValueError("all_layers gives float32 embeddings; quantise one layer's instead")
+        if all_layers and isinstance(self.backbone, OnnxBackbone):
+            raise ValueError("all_layers needs the torch backend: the ONNX export has one output")
         if batch_size is None and max_tokens_per_batch is None:
             batch_size = 32
         dim = self.embedding_dim if embedding_size is None else embedding_size
@@ -455,10 +463,11 @@ class AnglE(nn.Module):
             raise ValueError(f"embedding_size must be in 1..{self.hidden_size}, got {dim}")
         ids = self.tokenize(batch, self.template(prompt, prompt_name))
         batches = length_sorted_batches([len(x) for x in ids], batch_size, max_tokens_per_batch)
-        out = torch.empty(len(ids), self.hidden_size, dtype=torch.float32)
+        depths = (num_layers(self.backbone),) if all_layers else ()
+        out = torch.empty(*depths, len(ids), self.hidden_size, dtype=torch.float32)
 
         def embed(rows: list[int]) -> torch.Tensor:
-            return self(**self.pad([ids[i] for i in rows])).float().cpu()
+            return self(**self.pad([ids[i] for i in rows]), all_layers=all_layers).float().cpu()
 
         was_training = self.training
         self.eval()
@@ -473,16 +482,16 @@ class AnglE(nn.Module):
 
                     vectors = tqdm(vectors, total=len(batches), desc="encode", unit="batch")
                 for rows, vecs in zip(batches, vectors, strict=True):
-                    out[rows] = vecs
+                    out[..., rows, :] = vecs
         finally:
             self.train(was_training)
-        out = out[:, :dim]
+        out = out[..., :dim]
         if self.config.normalize if normalize is None else normalize:
             out = F.normalize(out, dim=-1)
         if precision != Precision.FLOAT32 or calibration is not None:
             out = torch.from_numpy(quantize_embeddings(out.numpy(), precision, calibration))
         if single:
-            out = out[0]
+            out = out[..., 0, :]
         return out.numpy() if to_numpy else out
 
     def similarity(self, a: str | Sequence[str], b: str | Sequence[str], **kwargs: Any):

@@ -28,8 +28,9 @@ from anglekit.checkpoints import last_complete_checkpoint, mark_complete
 from anglekit.cpu_training import FrozenWeightCasts, attention_kernels, use_fast_dropout
 from anglekit.data import DataFormat, TrainData, load_sts, load_train_data
 from anglekit.distributed import gather_batch
-from anglekit.espresso import EspressoConfig, EspressoLoss
+from anglekit.espresso import EspressoConfig, EspressoLoss, parse_sizes
 from anglekit.gradcache import gradcache_backward
+from anglekit.layers import num_layers
 from anglekit.losses import AngleLoss, LossConfig
 from anglekit.model import DEFAULT_MODEL, AnglE
 from anglekit.streaming import StreamingDataset
@@ -66,6 +67,11 @@ class TrainOptions:
     model: str = _opt(DEFAULT_MODEL, "model folder or hub id to fine-tune")
     train_data: str = _opt("stsb:train", "training data: .jsonl/.csv/.tsv, datasets folder, hub id")
     dev_data: str | None = _opt("stsb:dev", "STS-format dev set evaluated every --eval-steps")
+    dev_sizes: str | None = _opt(
+        None,
+        "keep the checkpoint with the best mean dev Spearman over these layers x dims sizes, "
+        "e.g. 2x64,4x128,6x384 (for --ese / --matryoshka-dims); default: full size",
+    )
     output_dir: str = _opt("runs/anglekit", "checkpoints go here; the final model in <dir>/model")
     column_map: str | None = _opt(None, "rename columns, e.g. sentence1=text1,sentence2=text2")
     pooling: str | None = _opt(None, "pooling (cls, mean, max, last, ...); default: the model's")
@@ -151,6 +157,11 @@ class TrainOptions:
             problems.append("streaming data has no length: set max_steps")
         if self.bf16 and self.fp16:
             problems.append("choose bf16 or fp16, not both")
+        try:
+            if parse_sizes(self.dev_sizes) and not self.dev_data:
+                problems.append("dev_sizes needs dev_data")
+        except ValueError as err:
+            problems.append(f"dev_sizes: {err}")
         if self.load_kbit is not None and not self.lora:
             problems.append("k-bit weights cannot be trained directly; add lora")
         if problems:
@@ -199,9 +210,11 @@ def _make_trainer_classes():
             lengths: list[int] | None,
             gather_across_devices: bool = False,
             gradcache_chunk_size: int | None = None,
+            dev_sizes: tuple[tuple[int, int], ...] = (),
             **kwargs: Any,
         ) -> None:
             super().__init__(*args, **kwargs)
+            self.dev_sizes = dev_sizes
             self.angle_loss = angle_loss
             self.texts_per_example = texts_per_example
             self.lengths = lengths
@@ -209,7 +222,7 @@ def _make_trainer_classes():
             self.gradcache_chunk_size = gradcache_chunk_size
             self._defer_rotation = False
             self.eval_seconds = 0.0
-            self.dev_scores: dict[int, Any] = {}  # step -> Correlation of that evaluation
+            self.dev_scores: dict[int, Any] = {}  # step -> full-size Correlation
             # bf16 compute: autocast, or weights loaded in bf16 (fixed for the whole run)
             self.bf16_compute = self.args.bf16 or self.model.backbone.dtype == torch.bfloat16
             self.frozen_casts = None
@@ -284,18 +297,34 @@ def _make_trainer_classes():
             )
 
         def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
-            from anglekit.evaluation import evaluate_pairs
+            from anglekit.evaluation import evaluate_pairs, evaluate_sizes
 
             start = time.perf_counter()
             model: AnglE = self.accelerator.unwrap_model(self.model)
-            corr = evaluate_pairs(_dev_encoder(model), eval_dataset or self.eval_dataset)
-            self.dev_scores[self.state.global_step] = corr
+            dataset = eval_dataset or self.eval_dataset
+            if not self.dev_sizes:
+                corr = evaluate_pairs(_dev_encoder(model), dataset)
+                self.dev_scores[self.state.global_step] = corr
+                spearman, pearson, cells = corr.spearman, corr.pearson, {}
+            else:  # the mean over the sizes decides which checkpoint is kept
+                cells = evaluate_sizes(_dev_layers_encoder(model), dataset, self.dev_sizes)
+                spearman = sum(c.spearman for c in cells.values()) / len(cells)
+                pearson = sum(c.pearson for c in cells.values()) / len(cells)
             metrics = {
-                f"{metric_key_prefix}_spearman": corr.spearman,
-                f"{metric_key_prefix}_pearson": corr.pearson,
+                f"{metric_key_prefix}_spearman": spearman,
+                f"{metric_key_prefix}_pearson": pearson,
+                **{
+                    f"{metric_key_prefix}_spearman_{layers}x{dims}": corr.spearman
+                    for (layers, dims), corr in cells.items()
+                },
             }
             self.eval_seconds += time.perf_counter() - start
-            logger.info("step %d: dev spearman %.2f", self.state.global_step, corr.spearman)
+            logger.info(
+                "step %d: dev spearman %.2f%s",
+                self.state.global_step,
+                spearman,
+                f" (mean over {len(cells)} sizes)" if cells else "",
+            )
             self.log(metrics)
             self.control = self.callback_handler.on_evaluate(
                 self.args, self.state, self.control, metrics
@@ -474,6 +503,8 @@ def fit(
         prepare_lora_training(model, settings, opts.gradient_checkpointing)
     if opts.fp16:
         _check_fp16_trainable(model)
+    dev_sizes = parse_sizes(opts.dev_sizes) if dev is not None else ()
+    _check_sizes(model, dev_sizes)
     use_fast_dropout(model.backbone)
     if data is None:
         dataset = StreamingDataset(
@@ -538,6 +569,7 @@ def fit(
         texts_per_example=len(data_fmt.text_fields),
         gather_across_devices=opts.gather_across_devices,
         gradcache_chunk_size=opts.gradcache_chunk_size,
+        dev_sizes=dev_sizes,
         eval_dataset=dev,
         lengths=dataset.lengths() if opts.group_by_length and data is not None else None,
     )
@@ -652,6 +684,20 @@ def training_tokenizer(model: AnglE) -> Callable[[list[str]], list[list[int]]]:
 def _dev_encoder(model: AnglE):
     """How dev sets are encoded, in training and after it (as ``anglekit eval`` does)."""
     return lambda texts: model.encode(texts, batch_size=64, normalize=True, show_progress=False)
+
+
+def _dev_layers_encoder(model: AnglE):
+    """Dev embeddings of every depth, for ``dev_sizes``."""
+    return lambda texts: model.encode(texts, batch_size=64, show_progress=False, all_layers=True)
+
+
+def _check_sizes(model: AnglE, sizes: tuple[tuple[int, int], ...]) -> None:
+    depth, width = num_layers(model.backbone), model.hidden_size
+    bad = [f"{layers}x{dims}" for layers, dims in sizes if layers > depth or dims > width]
+    if bad:
+        raise ValueError(
+            f"dev_sizes {', '.join(bad)} exceed this model's {depth} layers x {width} dims"
+        )
 
 
 def _card_for_run(
