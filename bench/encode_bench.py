@@ -189,8 +189,13 @@ def head_to_head(
     }
 
 
-def _points_lost(results: Sequence[dict[str, Any]], ours: dict[str, Any]) -> float | None:
-    reference = next((r for r in results if r["system"] == REFERENCE and r["status"] == "ok"), None)
+def _reference(rows: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """sentence-transformers' torch fp32 row, if it ran."""
+    return next((r for r in rows if r["system"] == REFERENCE and r["status"] == "ok"), None)
+
+
+def _points_lost(rows: Sequence[dict[str, Any]], ours: dict[str, Any]) -> float | None:
+    reference = _reference(rows)
     return None if reference is None else reference["stsb_test"] - ours["stsb_test"]
 
 
@@ -201,10 +206,7 @@ def _fastest(rows: Sequence[dict[str, Any]], prefix: str) -> dict[str, Any] | No
 
 def print_report(rows: Sequence[dict[str, Any]]) -> None:
     """Prints the comparison table, the target check and any failures under it."""
-    reference = next(
-        (r for r in rows if r["system"] == REFERENCE and r["status"] == "ok"),
-        None,
-    )
+    reference = _reference(rows)
     reference_speed = reference["sentences_per_s"] if reference else None
     st_best = _fastest(rows, REFERENCE)
     best_speed = st_best["sentences_per_s"] if st_best else None

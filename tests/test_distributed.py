@@ -39,25 +39,27 @@ def test_torchrun_two_processes_with_gathering_equal_one_process(tiny_bert, tmp_
         *("--no-group-by-length", "--no-drop-duplicates"),
     ]
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
-    runs = {}
-    for name, extra in (("gathered", ["--gather-across-devices"]), ("local", [])):
-        out = tmp_path / name
-        cmd = [*launch, "-m", "anglekit", *common, "--batch-size", "3", "--output-dir", str(out)]
-        done = subprocess.run(cmd + extra, env=env, capture_output=True, text=True, timeout=300)
+
+    def train(*launch: str, batch_size: int, out: Path, extra: tuple[str, ...] = ()) -> str:
+        cmd = [*launch, "-m", "anglekit", *common, "--batch-size", str(batch_size)]
+        cmd += ["--output-dir", str(out), *extra]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
-        assert done.stdout.count("model saved to") == 1  # one process reports
-        runs[name] = out
+        return done.stdout
+
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2")
+    runs = {}
+    for name, extra in (("gathered", ("--gather-across-devices",)), ("local", ())):
+        runs[name] = tmp_path / name
+        stdout = train(*torchrun, batch_size=3, out=runs[name], extra=extra)
+        assert stdout.count("model saved to") == 1  # one process reports
     ckpt = runs["gathered"] / "checkpoint-4"
     assert {"rng_state_0.pth", "rng_state_1.pth", COMPLETE_MARKER} <= {
         p.name for p in ckpt.iterdir()
     }
     summary = json.loads((runs["gathered"] / "train_summary.json").read_text())
     assert summary["options"]["gather_across_devices"] is True
-    one_process = [sys.executable, "-m", "anglekit", *common, "--batch-size", "6"]
-    cmd = [*one_process, "--output-dir", str(tmp_path / "one")]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    train(sys.executable, batch_size=6, out=tmp_path / "one")
 
     def vectors(folder: Path) -> np.ndarray:
         return AnglE.from_pretrained(str(folder / "model"), device="cpu").encode(WORDS)

@@ -271,16 +271,13 @@ def parse_sizes(value: Any) -> tuple[tuple[int, int], ...]:
     items = value.split(",") if isinstance(value, str) else list(value)
     cells = []
     for item in items:
+        parts = item.strip().lower().split("x") if isinstance(item, str) else item
         try:
-            layers, dims = (
-                (int(n) for n in item.strip().lower().split("x"))
-                if isinstance(item, str)
-                else (int(n) for n in item)
-            )
-        except (TypeError, ValueError):
+            layers, dims = (int(n) for n in parts)
+        except (TypeError, ValueError):  # not two numbers
             layers = dims = 0
         if layers < 1 or dims < 1:
-            raise ValueError(f"size {item!r} must be <layers>x<dims>, e.g. 2x64") from None
+            raise ValueError(f"size {item!r} must be <layers>x<dims>, e.g. 2x64")
         cells.append((layers, dims))
     return tuple(cells)
 
