@@ -422,6 +422,30 @@ def test_loss_config_reports_all_problems_and_allows_negative_threshold():
     assert LossConfig(ibn_threshold=-1.0).ibn_threshold == -1.0
 
 
+@pytest.mark.parametrize(
+    ("labels", "threshold"),
+    [([0.0, 1.0, 1.0], 0.8), ([0.0, 2.5, 5.0], 4.0), ([-1.0, 0.0, 1.0], 0.6), ([3.0], 3.0)],
+)
+def test_loss_config_places_unset_threshold_on_the_label_scale(labels, threshold):
+    """An unset ibn_threshold goes 80% of the way up the labels; a set one stays."""
+    assert LossConfig().ibn_threshold is None
+    assert LossConfig().for_labels(labels).ibn_threshold == pytest.approx(threshold)
+    assert LossConfig(ibn_threshold=0.5).for_labels(labels).ibn_threshold == 0.5
+    assert LossConfig().for_labels([]).ibn_threshold is None
+
+
+def test_angle_loss_unset_threshold_keeps_labels_of_one():
+    """Used on its own (no data to place it on), an unset threshold counts labels >= 0.5."""
+    emb, labels = rand(6, 2, 8, seed=53), torch.tensor([0.0, 1.0, 1.0, 0.0, 1.0, 0.7])
+    unset = AngleLoss(cosine_w=0.0, angle_w=0.0)(emb, labels)
+    assert unset.item() == pytest.approx(
+        AngleLoss(cosine_w=0.0, angle_w=0.0, ibn_threshold=0.5)(emb, labels).item()
+    )
+    assert unset.item() != pytest.approx(
+        AngleLoss(cosine_w=0.0, angle_w=0.0, ibn_threshold=0.8)(emb, labels).item()
+    )
+
+
 def test_angle_loss_overrides_merge_with_config():
     """Keyword overrides replace only their own fields of a given config."""
     loss = AngleLoss(LossConfig(angle_w=1.0, ibn_tau=5.0), cosine_w=0.5)
@@ -477,7 +501,7 @@ def test_angle_loss_triplets_terms_and_values():
     rank_y = np.array([1.0] * 5 + [0.0] * 5)
     expected = {
         "cln": 2.0 * ref_contrastive(q, p, n, 20.0),
-        "cosine": 1.0 * ref_ranking(ref_cosines(rank_u, rank_v), rank_y, 20.0),
+        "cosine": 1.0 * ref_ranking(ref_cosines(rank_u, rank_v), rank_y, 5.0),  # default scale
         "ibn": 0.5 * ref_ibn(q, p, [True] * 5, 20.0),
         "angle": 0.1 * ref_ranking(ref_angle_upstream(rank_u, rank_v), rank_y, 20.0),
     }

@@ -114,7 +114,8 @@ def test_two_devices_with_two_workers_each_split_the_file(pairs):
 
 
 def test_fit_streams_and_needs_max_steps(tiny_bert, pairs, tmp_path):
-    """fit trains from a stream for max_steps; without max_steps it refuses."""
+    """fit trains from a stream for max_steps; without max_steps it refuses. The in-batch
+    threshold is placed on the labels of the first shuffle buffer (0-4: at 3.2)."""
     with pytest.raises(ValueError, match="max_steps"):
         fit(str(tiny_bert), str(pairs), streaming=True, output_dir=str(tmp_path / "x"))
     result = fit(
@@ -132,6 +133,7 @@ def test_fit_streams_and_needs_max_steps(tiny_bert, pairs, tmp_path):
     assert result.steps == 3
     summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
     assert summary["data"]["examples"] is None and summary["options"]["streaming"] is True
+    assert summary["loss"]["ibn_threshold"] == pytest.approx(3.2)
 
 
 @pytest.mark.slow

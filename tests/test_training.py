@@ -58,6 +58,26 @@ def test_fit_scored_pairs_keeps_best_checkpoint(tiny_bert, sts_files, tmp_path):
     assert best.config.pooling.value == "cls"
 
 
+def test_fit_places_in_batch_threshold_on_the_labels(tiny_bert, sts_files, tmp_path, caplog):
+    """Unset, ibn_threshold lands at 4.0 on 0-5 labels; a low one set by hand is warned about."""
+    train, _ = sts_files
+    common = dict(dev_data=None, max_steps=1, **FAST)
+    fit(str(tiny_bert), str(train), output_dir=str(tmp_path / "unset"), **common)
+    summary = json.loads((tmp_path / "unset" / SUMMARY_FILE).read_text())
+    assert summary["loss"]["ibn_threshold"] == pytest.approx(4.0)
+    with caplog.at_level("WARNING", logger="anglekit.training"):
+        fit(
+            str(tiny_bert),
+            str(train),
+            output_dir=str(tmp_path / "low"),
+            ibn_threshold=0.5,
+            **common,
+        )
+    assert "ibn_threshold=0.5 makes 83% of pairs in-batch positives" in caplog.text
+    summary = json.loads((tmp_path / "low" / SUMMARY_FILE).read_text())
+    assert summary["loss"]["ibn_threshold"] == 0.5
+
+
 def test_fit_triplets_and_query_positive(tiny_bert, tmp_path):
     """Triplet and query/positive data train without labels and without a dev set."""
     triplets = [

@@ -417,7 +417,7 @@ def _training_section(card: CardData) -> list[str]:
                 ]
             )
         lines += ["### Loss", "", *_table(["term", "weight", "scale (tau)"], rows), ""]
-        if "ibn" in terms and "ibn_threshold" in config:
+        if "ibn" in terms and config.get("ibn_threshold") is not None:  # None: no labels
             lines += [
                 f"In-batch negatives count labels >= {_fmt(config['ibn_threshold'])} as positives.",
                 "",

@@ -9,12 +9,13 @@ logging integrations and multi-device runs under ``torchrun`` / ``accelerate lau
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -516,8 +517,13 @@ def fit(
         )
         data_fmt, data_source, n_examples = dataset.format, dataset.source, None
         logger.info("streaming %s examples from %s", data_fmt.value, data_source)
+        if data_fmt.has_label:  # the label scale, from the rows of one shuffle buffer
+            head = itertools.islice(dataset.examples(), opts.shuffle_buffer)
+            loss.config = _place_ibn_threshold([ex.label for ex in head], loss.config)
     else:
-        _warn_on_label_scale(data, loss.config)
+        if data.format.has_label:
+            labels = [ex.label for ex in data.examples]
+            loss.config = _place_ibn_threshold(labels, loss.config)
         dataset = TokenizedDataset(data, training_tokenizer(model), seed=opts.seed)
         data_fmt, data_source, n_examples = data.format, data.source, len(data)
         logger.info("training on %d %s examples from %s", len(data), data_fmt.value, data_source)
@@ -751,18 +757,21 @@ def _check_fp16_trainable(model: AnglE) -> None:
         )
 
 
-def _warn_on_label_scale(data: TrainData, loss: LossConfig) -> None:
-    """Say so when graded labels would make most pairs in-batch positives."""
-    if not data.format.has_label or not loss.ibn_w:
-        return
-    labels = [ex.label for ex in data.examples]
+def _place_ibn_threshold(labels: Sequence[float], loss: LossConfig) -> LossConfig:
+    """Put an unset ``ibn_threshold`` on the scale of the training labels, and say so when
+    a threshold the user set makes most graded pairs in-batch positives."""
+    if loss.ibn_threshold is None:
+        placed = loss.for_labels(labels)
+        logger.info("in-batch positives: labels >= %.3g", placed.ibn_threshold)
+        return placed
     top = max(labels)
     positives = sum(y >= loss.ibn_threshold for y in labels) / len(labels)
-    if top > 1 and positives > 0.5:
+    if loss.ibn_w and top > 1 and positives > 0.5:
         logger.warning(
             "labels reach %.3g but ibn_threshold=%.3g makes %.0f%% of pairs in-batch positives; "
-            "for 0-5 STS scores set ibn_threshold to about 4",
+            "for 0-5 STS scores set it to about 4, or leave it unset to place it on the labels",
             top,
             loss.ibn_threshold,
             100 * positives,
         )
+    return loss
