@@ -441,7 +441,7 @@ def fit(
 
     Example:
         >>> result = fit("sentence-transformers/all-MiniLM-L6-v2", "stsb:train",
-        ...              max_steps=200, bf16=True, ibn_threshold=4.0)
+        ...              max_steps=200, bf16=True)
     """
     from transformers import TrainingArguments
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
