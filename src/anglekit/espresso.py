@@ -35,7 +35,7 @@ the decomposition is exact and each component's sign is fixed (see :func:`pca_ta
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from enum import Enum
 from typing import Any
 
@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from anglekit._fields import option
 from anglekit.losses import AngleLoss
 
 __all__ = [
@@ -242,10 +243,6 @@ def matryoshka_loss(
     return torch.stack(terms).sum()
 
 
-def _help(default: Any, text: str) -> Any:
-    return field(default=default, metadata={"help": text})
-
-
 def _numbers(value: Any, kind: type, name: str) -> tuple | None:
     """``"32,64"``, ``[32, 64]`` or ``None`` as a tuple of ``kind`` (or ``None``)."""
     if value is None:
@@ -301,18 +298,18 @@ class EspressoConfig:
         matryoshka_weights: one weight per size; default 1 each.
     """
 
-    ese: bool = _help(False, "train with the Espresso (ESE) loss over layers and dimensions")
-    ese_compression_size: int = _help(128, "ESE: leading dimensions trained to stand alone")
-    ese_schedule: LayerSchedule = _help(
+    ese: bool = option(False, "train with the Espresso (ESE) loss over layers and dimensions")
+    ese_compression_size: int = option(128, "ESE: leading dimensions trained to stand alone")
+    ese_schedule: LayerSchedule = option(
         LayerSchedule.LOG.value,
         "ESE: shallower layer weights: log (1/(1+ln l)), uniform, linear",
     )
-    ese_align_w: float = _help(1.0, "ESE: weight of aligning the leading dims to their PCA")
-    ese_kl_temperature: float = _help(1.0, "ESE: temperature of the alignment's KL term")
-    matryoshka_dims: tuple[int, ...] | str | None = _help(
+    ese_align_w: float = option(1.0, "ESE: weight of aligning the leading dims to their PCA")
+    ese_kl_temperature: float = option(1.0, "ESE: temperature of the alignment's KL term")
+    matryoshka_dims: tuple[int, ...] | str | None = option(
         None, "Matryoshka: comma-separated leading-dimension sizes, e.g. 32,64,128,384"
     )
-    matryoshka_weights: tuple[float, ...] | str | None = _help(
+    matryoshka_weights: tuple[float, ...] | str | None = option(
         None, "Matryoshka: one comma-separated weight per size (default 1 each)"
     )
 

@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass, fields, replace
 import torch
 import torch.nn.functional as F
 
+from anglekit._fields import option
+
 __all__ = [
     "AngleLoss",
     "LossConfig",
@@ -228,14 +230,16 @@ class LossConfig:
             0/1 labels, 4.0 for 0-5 STS scores. :class:`AngleLoss` given ``None`` uses 0.5.
     """
 
-    cosine_w: float = 1.0
-    ibn_w: float = 1.0
-    cln_w: float = 1.0
-    angle_w: float = 0.02
-    cosine_tau: float = 5.0
-    ibn_tau: float = 20.0
-    angle_tau: float = 20.0
-    ibn_threshold: float | None = None
+    cosine_w: float = option(1.0, "weight of the cosine (CoSENT) ranking term")
+    ibn_w: float = option(1.0, "weight of the in-batch negative term")
+    cln_w: float = option(1.0, "weight of the contrastive term of query/positive(/negative) data")
+    angle_w: float = option(0.02, "weight of the angle term")
+    cosine_tau: float = option(5.0, "scale of the cosine term (20 = temperature 0.05)")
+    ibn_tau: float = option(20.0, "scale of the in-batch negative and contrastive terms")
+    angle_tau: float = option(20.0, "scale of the angle term")
+    ibn_threshold: float | None = option(
+        None, "smallest label of an in-batch positive; default: 80%% up the training labels"
+    )
 
     def __post_init__(self) -> None:
         problems = []

@@ -16,12 +16,13 @@ import math
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from anglekit._fields import option
 from anglekit._files import atomic_file
 from anglekit.batching import AngleCollator, TokenizedDataset
 from anglekit.card import MEASURED_BY_TRAIN, CardData, training_options
@@ -53,10 +54,6 @@ def fast_bf16() -> bool:
     return bool(torch.backends.mkldnn.is_available() and torch.cpu._is_avx512_bf16_supported())
 
 
-def _opt(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
 class TrainOptions:
     """Every option of ``fit`` / ``anglekit train`` except the loss settings (:class:`LossConfig`).
@@ -65,71 +62,77 @@ class TrainOptions:
     checkpoint with the best STS-B dev Spearman.
     """
 
-    model: str = _opt(DEFAULT_MODEL, "model folder or hub id to fine-tune")
-    train_data: str = _opt("stsb:train", "training data: .jsonl/.csv/.tsv, datasets folder, hub id")
-    dev_data: str | None = _opt("stsb:dev", "STS-format dev set evaluated every --eval-steps")
-    dev_sizes: str | None = _opt(
+    model: str = option(DEFAULT_MODEL, "model folder or hub id to fine-tune")
+    train_data: str = option(
+        "stsb:train", "training data: .jsonl/.csv/.tsv, datasets folder, hub id"
+    )
+    dev_data: str | None = option("stsb:dev", "STS-format dev set evaluated every --eval-steps")
+    dev_sizes: str | None = option(
         None,
         "keep the checkpoint with the best mean dev Spearman over these layers x dims sizes, "
         "e.g. 2x64,4x128,6x384 (for --ese / --matryoshka-dims); default: full size",
     )
-    output_dir: str = _opt("runs/anglekit", "checkpoints go here; the final model in <dir>/model")
-    column_map: str | None = _opt(None, "rename columns, e.g. sentence1=text1,sentence2=text2")
-    pooling: str | None = _opt(None, "pooling (cls, mean, max, last, ...); default: the model's")
-    max_length: int | None = _opt(None, "truncate texts to this many tokens; default: the model's")
-    prompt: str | None = _opt(None, "prompt template with {text}, or A, B, C from Prompts")
-    epochs: float = _opt(1.0, "passes over the training data (ignored when --max-steps is set)")
-    max_steps: int = _opt(-1, "optimizer steps; -1 trains for --epochs")
-    batch_size: int = _opt(32, "examples per device per step")
-    learning_rate: float = _opt(2e-5, "peak learning rate")
-    warmup_steps: int = _opt(0, "linear warm-up steps")
-    weight_decay: float = _opt(0.0, "AdamW weight decay")
-    gradient_accumulation_steps: int = _opt(1, "batches accumulated per optimizer step")
-    seed: int = _opt(42, "random seed")
-    bf16: bool | None = _opt(
+    output_dir: str = option("runs/anglekit", "checkpoints go here; the final model in <dir>/model")
+    column_map: str | None = option(None, "rename columns, e.g. sentence1=text1,sentence2=text2")
+    pooling: str | None = option(None, "pooling (cls, mean, max, last, ...); default: the model's")
+    max_length: int | None = option(
+        None, "truncate texts to this many tokens; default: the model's"
+    )
+    prompt: str | None = option(None, "prompt template with {text}, or A, B, C from Prompts")
+    epochs: float = option(1.0, "passes over the training data (ignored when --max-steps is set)")
+    max_steps: int = option(-1, "optimizer steps; -1 trains for --epochs")
+    batch_size: int = option(32, "examples per device per step")
+    learning_rate: float = option(2e-5, "peak learning rate")
+    warmup_steps: int = option(0, "linear warm-up steps")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    gradient_accumulation_steps: int = option(1, "batches accumulated per optimizer step")
+    seed: int = option(42, "random seed")
+    bf16: bool | None = option(
         None, "bf16 mixed precision; unset: on where the hardware runs bf16 fast, unless --fp16"
     )
-    fp16: bool = _opt(False, "fp16 mixed precision (GPU)")
-    gradient_checkpointing: bool = _opt(False, "recompute activations to save memory")
-    eval_steps: int = _opt(50, "evaluate on --dev-data and save a checkpoint every N steps")
-    save_steps: int = _opt(500, "checkpoint every N steps when there is no dev set")
-    save_total_limit: int = _opt(2, "checkpoints kept (the best one always is)")
-    logging_steps: int = _opt(10, "log the loss every N steps")
-    resume: bool = _opt(False, "continue from the last checkpoint in --output-dir")
-    report_to: str = _opt("none", "tensorboard, wandb, ... or none")
-    drop_duplicates: bool = _opt(True, "drop examples whose text already appears in the batch")
-    group_by_length: bool = _opt(True, "batch texts of similar length together (less padding)")
-    progress: bool = _opt(True, "show a progress bar on a terminal")
-    plots: bool = _opt(True, "loss and dev Spearman curves in <output-dir>/plots (matplotlib)")
-    push_to_hub: str | None = _opt(None, "upload the final model to this hub repo (user/name)")
-    gather_across_devices: bool = _opt(
+    fp16: bool = option(False, "fp16 mixed precision (GPU)")
+    gradient_checkpointing: bool = option(False, "recompute activations to save memory")
+    eval_steps: int = option(50, "evaluate on --dev-data and save a checkpoint every N steps")
+    save_steps: int = option(500, "checkpoint every N steps when there is no dev set")
+    save_total_limit: int = option(2, "checkpoints kept (the best one always is)")
+    logging_steps: int = option(10, "log the loss every N steps")
+    resume: bool = option(False, "continue from the last checkpoint in --output-dir")
+    report_to: str = option("none", "tensorboard, wandb, ... or none")
+    drop_duplicates: bool = option(True, "drop examples whose text already appears in the batch")
+    group_by_length: bool = option(True, "batch texts of similar length together (less padding)")
+    progress: bool = option(True, "show a progress bar on a terminal")
+    plots: bool = option(True, "loss and dev Spearman curves in <output-dir>/plots (matplotlib)")
+    push_to_hub: str | None = option(None, "upload the final model to this hub repo (user/name)")
+    gather_across_devices: bool = option(
         False, "in-batch negatives from every device's batch (all-gather, multi-device runs)"
     )
-    gradcache_chunk_size: int | None = _opt(
+    gradcache_chunk_size: int | None = option(
         None, "GradCache: embed the batch this many examples at a time (memory of one chunk)"
     )
-    streaming: bool = _opt(
+    streaming: bool = option(
         False, "stream a .jsonl/.csv/.tsv file instead of loading it (needs --max-steps)"
     )
-    shuffle_buffer: int = _opt(10_000, "examples in the streaming shuffle buffer")
-    dataloader_workers: int = _opt(0, "data loading worker processes")
-    dtype: str | None = _opt(
+    shuffle_buffer: int = option(10_000, "examples in the streaming shuffle buffer")
+    dataloader_workers: int = option(0, "data loading worker processes")
+    dtype: str | None = option(
         None, "weight dtype: float32, bfloat16 or float16; default: the model's"
     )
-    padding_side: str | None = _opt(None, "pad on the left or right; default: the model's")
-    lora: bool = _opt(False, "train a LoRA adapter (peft) instead of all weights")
-    lora_r: int = _opt(32, "LoRA rank")
-    lora_alpha: float = _opt(32.0, "LoRA alpha (the update is scaled by alpha / r)")
-    lora_dropout: float = _opt(0.1, "dropout on the LoRA input")
-    lora_target_modules: str | None = _opt(
+    padding_side: str | None = option(None, "pad on the left or right; default: the model's")
+    lora: bool = option(False, "train a LoRA adapter (peft) instead of all weights")
+    lora_r: int = option(32, "LoRA rank")
+    lora_alpha: float = option(32.0, "LoRA alpha (the update is scaled by alpha / r)")
+    lora_dropout: float = option(0.1, "dropout on the LoRA input")
+    lora_target_modules: str | None = option(
         None, "comma-separated module names to adapt; default: every linear layer"
     )
-    merge_lora: bool = _opt(False, "save the final model with the adapter merged into its weights")
-    load_kbit: int | None = _opt(None, "load the backbone in 4 or 8 bits (QLoRA; CUDA only)")
-    bidirectional_from: int | None = _opt(
+    merge_lora: bool = option(
+        False, "save the final model with the adapter merged into its weights"
+    )
+    load_kbit: int | None = option(None, "load the backbone in 4 or 8 bits (QLoRA; CUDA only)")
+    bidirectional_from: int | None = option(
         None, "decoder layers from this index on attend in both directions (Llama/Mistral/Qwen2)"
     )
-    gguf_file: str | None = _opt(None, "load the backbone from this GGUF file inside --model")
+    gguf_file: str | None = option(None, "load the backbone from this GGUF file inside --model")
 
     def __post_init__(self) -> None:
         problems = []
