@@ -238,7 +238,7 @@ class LossConfig:
     ibn_tau: float = option(20.0, "scale of the in-batch negative and contrastive terms")
     angle_tau: float = option(20.0, "scale of the angle term")
     ibn_threshold: float | None = option(
-        None, "smallest label of an in-batch positive; default: 80%% up the training labels"
+        None, "smallest label of an in-batch positive; default: 0.8 of the way up the labels"
     )
 
     def __post_init__(self) -> None:
