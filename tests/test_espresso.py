@@ -23,6 +23,7 @@ from anglekit.espresso import (
     layer_weights,
     parse_sizes,
     pca_targets,
+    similarity_distillation_loss,
 )
 from anglekit.evaluation import evaluate_pairs, evaluate_sizes
 from anglekit.layers import layer_outputs, layer_stack, truncate_backbone
@@ -420,3 +421,59 @@ def test_fit_keeps_the_checkpoint_best_over_dev_sizes(tiny_bert, tmp_path):
         fit(str(tiny_bert), str(train), output_dir=str(tmp_path / "x"), dev_sizes="3x8", **options)
     with pytest.raises(ValueError, match="dev_sizes: size 'x8'"):
         fit(str(tiny_bert), str(train), output_dir=str(tmp_path / "x"), dev_sizes="x8", **options)
+
+
+def _distill_by_hand(student: torch.Tensor, teacher: torch.Tensor, scale: float) -> float:
+    def cos(a, b):
+        return sum(x * y for x, y in zip(a, b, strict=True)) / math.sqrt(
+            sum(x * x for x in a) * sum(y * y for y in b)
+        )
+
+    rows_s, rows_t, total = student.tolist(), teacher.tolist(), 0.0
+    for i in range(len(rows_s)):
+        others = [j for j in range(len(rows_s)) if j != i]
+        zs = [math.exp(scale * cos(rows_s[i], rows_s[j])) for j in others]
+        zt = [math.exp(scale * cos(rows_t[i], rows_t[j])) for j in others]
+        q = [v / sum(zs) for v in zs]
+        p = [v / sum(zt) for v in zt]
+        total += sum(pi * (math.log(pi) - math.log(qi)) for pi, qi in zip(p, q, strict=True))
+    return total / len(rows_s)
+
+
+def test_similarity_distillation_is_kl_of_in_batch_cosine_softmaxes():
+    """S = mean_i KL(softmax_j(s cos_t) || softmax_j(s cos_s)) over j != i; no grad to teacher."""
+    gen = torch.Generator().manual_seed(3)
+    student = torch.randn(6, 4, generator=gen, requires_grad=True)
+    teacher = torch.randn(6, 16, generator=gen, requires_grad=True)  # widths may differ
+    for scale in (1.0, 20.0):
+        got = similarity_distillation_loss(student, teacher, scale)
+        expected = _distill_by_hand(student.detach(), teacher.detach(), scale)
+        assert got.item() == pytest.approx(expected, rel=1e-4)
+    got.backward()
+    assert student.grad.abs().sum() > 0 and teacher.grad is None
+    same = torch.randn(5, 8, generator=gen)
+    assert similarity_distillation_loss(same, 3 * same).item() == pytest.approx(0.0, abs=1e-6)
+    assert similarity_distillation_loss(same[:2], same[:2]).item() == 0.0  # one other text
+    with pytest.raises(ValueError, match="teacher texts"):
+        similarity_distillation_loss(same, same[:4])
+
+
+def test_ese_loss_adds_weighted_distillation_of_shallower_layers(batch):
+    """distill_w adds 1/(L-1) sum_l w_l mu (S(x_l, x_L) + S(x_l[:k], x_L)) and nothing else."""
+    layers, labels = batch
+    angle, k, mu = AngleLoss(), 6, 0.7
+    base = EspressoLoss(angle, EspressoConfig(ese=True, ese_compression_size=k))
+    with_kd = EspressoLoss(
+        angle, EspressoConfig(ese=True, ese_compression_size=k, ese_distill_w=mu)
+    )
+    teacher = layers[-1].reshape(-1, 16)
+    weights = [1.0, 1 / (1 + math.log(2))]
+    extra = 0.0
+    for i, w in enumerate(weights):
+        flat = layers[i].reshape(-1, 16)
+        pair = _distill_by_hand(flat, teacher, 20.0) + _distill_by_hand(flat[:, :k], teacher, 20.0)
+        extra += w * mu * pair
+    got = with_kd(layers, labels).item() - base(layers, labels).item()
+    assert got == pytest.approx(extra / 2, rel=1e-4)
+    with pytest.raises(ValueError, match="ese_distill_w"):
+        EspressoConfig(ese=True, ese_distill_w=-1.0)

@@ -18,16 +18,25 @@ trains the shallower layers. With ``x_l`` the pooled output of transformer layer
     learn-to-compress: ``L_cmp = C(x_L) + 1/(L-1) * sum_{l<L} w_l * C(x_l)``,
     ``C(x) = A(x[..., :k]) + lambda * D(x[..., :k], P_k(x))``
 
-    ``L_ese = L_exp + L_cmp``
+    learn-from-the-last-layer: ``L_kd = 1/(L-1) * sum_{l<L} w_l * (S(x_l, x_L) +
+    S(x_l[..., :k], x_L))``
 
-where ``P_k`` is the projection of :func:`pca_targets` and ``D`` the alignment of
-:func:`alignment_loss` (MSE plus a KL divergence at temperature ``T``). With one layer the
-sums over ``l < L`` are empty. The loss is ``L_mrl`` or ``L_ese``; they cannot be combined.
+    ``L_ese = L_exp + L_cmp + mu * L_kd``
+
+where ``P_k`` is the projection of :func:`pca_targets`, ``D`` the alignment of
+:func:`alignment_loss` (MSE plus a KL divergence at temperature ``T``) and ``S`` the
+similarity distillation of :func:`similarity_distillation_loss`: each text's in-batch
+similarity distribution at a shallower layer is pulled towards the last layer's. ``mu`` is
+``ese_distill_w``. With one layer the sums over ``l < L`` are empty. The loss is ``L_mrl`` or
+``L_ese``; they cannot be combined.
 
 How this differs from the reference implementation (angle-emb 0.6.1): its student sum runs
 over ``hidden_states[0 .. L-2]``, that is the embedding output and layers ``1 .. L-2``,
 skipping layer ``L-1``, and applies only ``C`` (not ``A`` on all dimensions) to them; here
-it runs over the transformer layers ``1 .. L-1`` and applies both.
+it runs over the transformer layers ``1 .. L-1`` and applies both. It has no ``L_kd``: the
+labels are its shallower layers' only signal (it can align the last layer to a separate
+teacher model instead). With ``L_kd`` every pair of texts in a batch gives the shallower
+layers a target, the last layer's similarity, where the labels give one per pair.
 Its projection uses a randomised SVD whose component signs change from step to step; here
 the decomposition is exact and each component's sign is fixed (see :func:`pca_targets`).
 """
@@ -56,7 +65,11 @@ __all__ = [
     "layer_weights",
     "matryoshka_loss",
     "pca_targets",
+    "similarity_distillation_loss",
 ]
+
+#: Scale (inverse temperature) of the similarity distributions of the distillation term.
+DISTILL_SCALE = 20.0
 
 
 class LayerSchedule(str, Enum):
@@ -142,6 +155,44 @@ def alignment_loss(
     return mse + temperature * kl
 
 
+def similarity_distillation_loss(
+    student: torch.Tensor, teacher: torch.Tensor, scale: float = DISTILL_SCALE
+) -> torch.Tensor:
+    """Pull each text's in-batch similarity distribution towards the teacher's.
+
+    With ``c_ij`` the cosine of texts ``i`` and ``j`` (``i != j``) among the ``M`` texts of a
+    batch, ``p_i = softmax_j(s * c^teacher_ij)`` and ``q_i = softmax_j(s * c^student_ij)``:
+
+        ``S = (1/M) sum_i KL(p_i || q_i)``
+
+    No gradient flows into the teacher. Student and teacher may differ in width (a
+    compressed student, a full teacher); only their cosines are compared.
+
+    Args:
+        student: ``(M, d)`` embeddings being trained.
+        teacher: ``(M, D)`` embeddings of the same texts.
+        scale: ``s``, the inverse temperature of both distributions.
+
+    Returns:
+        The scalar loss (0 for fewer than 3 texts, where each row has one other text).
+    """
+    if student.shape[0] != teacher.shape[0]:
+        raise ValueError(f"{student.shape[0]} student texts but {teacher.shape[0]} teacher texts")
+    count = student.shape[0]
+    if count < 3:
+        return student.float().sum() * 0.0
+    off_diagonal = ~torch.eye(count, dtype=torch.bool, device=student.device)  # (M, M)
+
+    def log_probs(x: torch.Tensor) -> torch.Tensor:  # (M, M-1) row-wise log-softmax
+        unit = F.normalize(x.float(), dim=-1)  # (M, d)
+        cos = (unit @ unit.T)[off_diagonal].view(count, count - 1)
+        return F.log_softmax(scale * cos, dim=-1)
+
+    with torch.no_grad():
+        target = log_probs(teacher)
+    return F.kl_div(log_probs(student), target, reduction="batchmean", log_target=True)
+
+
 def compress_loss(
     angle: AngleLoss,
     x: torch.Tensor,
@@ -186,8 +237,9 @@ def ese_loss(
     weights: torch.Tensor,
     align_w: float = 1.0,
     temperature: float = 1.0,
+    distill_w: float = 0.0,
 ) -> torch.Tensor:
-    """The Espresso loss ``L_exp + L_cmp`` (formulas in the module docstring).
+    """The Espresso loss ``L_exp + L_cmp + mu * L_kd`` (formulas in the module docstring).
 
     Args:
         angle: the AnglE loss ``A``.
@@ -197,6 +249,7 @@ def ese_loss(
         weights: ``(L - 1,)`` weights of layers ``1 .. L-1`` (:func:`layer_weights`).
         align_w: ``lambda``, weight of the alignment to the projection.
         temperature: ``T`` of the alignment's KL divergence.
+        distill_w: ``mu``, weight of the distillation from the last layer (0: none).
 
     Returns:
         The scalar loss.
@@ -208,9 +261,21 @@ def ese_loss(
     def both(x: torch.Tensor) -> torch.Tensor:  # A(x) + C(x)
         return angle(x, labels) + compress_loss(angle, x, labels, size, align_w, temperature)
 
+    teacher = layers[-1].flatten(0, 1)  # (N*K, D)
+
+    def student(x: torch.Tensor) -> torch.Tensor:  # A(x) + C(x) + mu S(x) + mu S(x[:k])
+        loss = both(x)
+        if distill_w:
+            flat = x.flatten(0, 1)  # (N*K, D)
+            loss = loss + distill_w * (
+                similarity_distillation_loss(flat, teacher)
+                + similarity_distillation_loss(flat[:, :size], teacher)
+            )
+        return loss
+
     loss = both(layers[-1])
     if count > 1:
-        students = [w * both(layers[i]) for i, w in enumerate(weights.tolist())]
+        students = [w * student(layers[i]) for i, w in enumerate(weights.tolist())]
         loss = loss + torch.stack(students).sum() / (count - 1)
     return loss
 
@@ -293,6 +358,8 @@ class EspressoConfig:
         ese_schedule: weights of the shallower layers (:class:`LayerSchedule`).
         ese_align_w: ``lambda``, weight of the alignment to the projection (0: none).
         ese_kl_temperature: ``T`` of the alignment's KL divergence.
+        ese_distill_w: ``mu``, weight of distilling the last layer's in-batch similarities
+            into the shallower layers (0: none).
         matryoshka_dims: leading-dimension sizes, e.g. ``(32, 64, 128, 384)``; include the
             full size to keep training the whole embedding.
         matryoshka_weights: one weight per size; default 1 each.
@@ -306,6 +373,9 @@ class EspressoConfig:
     )
     ese_align_w: float = option(1.0, "ESE: weight of aligning the leading dims to their PCA")
     ese_kl_temperature: float = option(1.0, "ESE: temperature of the alignment's KL term")
+    ese_distill_w: float = option(
+        0.0, "ESE: weight of distilling the last layer's in-batch similarities into shallower ones"
+    )
     matryoshka_dims: tuple[int, ...] | str | None = option(
         None, "Matryoshka: comma-separated leading-dimension sizes, e.g. 32,64,128,384"
     )
@@ -333,7 +403,7 @@ class EspressoConfig:
             problems.append(f"ese={self.ese!r} must be True or False")
         if self.ese_compression_size < 1:
             problems.append(f"ese_compression_size must be >= 1, got {self.ese_compression_size}")
-        for name in ("ese_align_w", "ese_kl_temperature"):
+        for name in ("ese_align_w", "ese_kl_temperature", "ese_distill_w"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 problems.append(f"{name}={value!r} must be a finite number >= 0")
@@ -414,6 +484,7 @@ class EspressoLoss(nn.Module):
                 weights,
                 c.ese_align_w,
                 c.ese_kl_temperature,
+                c.ese_distill_w,
             )
         weights = c.matryoshka_weights or (1.0,) * len(c.matryoshka_dims)
         return matryoshka_loss(self.angle, embeddings, labels, c.matryoshka_dims, weights)
