@@ -290,6 +290,10 @@ def test_truncate_layers_on_decoder_model_roundtrip(tiny_llama, tmp_path):
     ("options", "recorded"),
     [
         ({"ese": True, "ese_compression_size": 8}, {"ese": True, "ese_compression_size": 8}),
+        (
+            {"ese": True, "ese_compression_size": 8, "ese_distill_w": 2.0},
+            {"ese": True, "ese_distill_w": 2.0},
+        ),
         ({"matryoshka_dims": "8,32"}, {"matryoshka_dims": [8, 32]}),
     ],
 )
@@ -331,11 +335,14 @@ def test_cli_train_flags_reach_the_espresso_options(monkeypatch):
         raise ValueError("stop here")
 
     monkeypatch.setattr(anglekit.training, "fit", fake_fit)
-    assert main(["train", "--ese", "--ese-schedule", "uniform", "--matryoshka-dims", "none"]) == 1
+    argv = ["train", "--ese", "--ese-schedule", "uniform", "--ese-distill-w", "5"]
+    assert main([*argv, "--matryoshka-dims", "none"]) == 1
     assert seen["ese"] is True and seen["ese_schedule"] == "uniform"
+    assert seen["ese_distill_w"] == 5.0
     assert seen["matryoshka_dims"] is None and seen["ese_compression_size"] == 128
     assert main(["train", "--ese"]) == 1
     assert seen["ese_schedule"] == "log"  # the default, as its value
+    assert seen["ese_distill_w"] == 0.0
 
 
 def test_cli_encode_with_fewer_layers_and_dims(tiny_bert, tmp_path):
