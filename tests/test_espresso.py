@@ -143,10 +143,11 @@ def test_matryoshka_loss_equals_weighted_sum(batch):
 
 
 def test_loss_backpropagates_in_bf16(batch):
-    """bf16 embeddings give a finite float32 loss and gradients reach every layer."""
+    """bf16 embeddings (distillation on) give a finite float32 loss; gradients reach each layer."""
     layers, labels = batch
     x = layers.to(torch.bfloat16).requires_grad_()
-    loss = EspressoLoss(AngleLoss(), EspressoConfig(ese=True, ese_compression_size=8))(x, labels)
+    config = EspressoConfig(ese=True, ese_compression_size=8, ese_distill_w=1.0)
+    loss = EspressoLoss(AngleLoss(), config)(x, labels)
     loss.backward()
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     assert all(x.grad[i].abs().sum() > 0 for i in range(3))
