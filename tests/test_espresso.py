@@ -437,15 +437,14 @@ def _distill_by_hand(student: torch.Tensor, teacher: torch.Tensor, scale: float)
             sum(x * x for x in a) * sum(y * y for y in b)
         )
 
-    rows_s, rows_t, total = student.tolist(), teacher.tolist(), 0.0
-    for i in range(len(rows_s)):
-        others = [j for j in range(len(rows_s)) if j != i]
-        zs = [math.exp(scale * cos(rows_s[i], rows_s[j])) for j in others]
-        zt = [math.exp(scale * cos(rows_t[i], rows_t[j])) for j in others]
-        q = [v / sum(zs) for v in zs]
-        p = [v / sum(zt) for v in zt]
-        total += sum(pi * (math.log(pi) - math.log(qi)) for pi, qi in zip(p, q, strict=True))
-    return total / len(rows_s)
+    def scaled_cosines(x: torch.Tensor) -> torch.Tensor:  # row i: s * cos(x_i, x_j), j != i
+        rows = x.tolist()
+        return torch.tensor(
+            [[scale * cos(a, b) for j, b in enumerate(rows) if j != i] for i, a in enumerate(rows)],
+            dtype=torch.float64,
+        )
+
+    return _kl_by_hand(scaled_cosines(student), scaled_cosines(teacher), 1.0)
 
 
 def test_similarity_distillation_is_kl_of_in_batch_cosine_softmaxes():
