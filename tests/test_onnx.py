@@ -11,11 +11,43 @@ from anglekit import AnglE, Prompts
 from anglekit.cli import main
 from anglekit.onnx_backend import ONNX_INFO_NAME, ONNX_NAME, Backend, OnnxBackbone
 
+from .conftest import wordpiece_vocab
+
 TEXTS = ["a man plays a flute", "hi", "the quick brown fox jumps over the lazy dog", "kids play"]
+FUSED_OPS = {"Attention", "QAttention", "EmbedLayerNormalization", "BiasGelu"}
 
 
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def _op_types(model: AnglE) -> set[str]:
+    import onnx
+
+    return {node.op_type for node in onnx.load_from_string(model.backbone.model).graph.node}
+
+
+@pytest.fixture(scope="module")
+def tiny_roberta(tmp_path_factory):
+    """A 2-layer random RoBERTa (position ids counted from the mask) with a WordPiece vocab."""
+    import torch
+    from transformers import BertTokenizerFast, RobertaConfig, RobertaModel
+
+    folder = tmp_path_factory.mktemp("tiny-roberta")
+    tokenizer = BertTokenizerFast(vocab=wordpiece_vocab())
+    torch.manual_seed(0)
+    config = RobertaConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=130,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    RobertaModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +66,9 @@ def test_onnx_matches_torch_encoder(tiny_bert):
     onnx_model = AnglE.from_pretrained(str(tiny_bert), pooling="mean", backend=Backend.ONNX)
     assert isinstance(onnx_model.backbone, OnnxBackbone)
     assert str(onnx_model.device) == "cpu" and onnx_model.embedding_dim == 32
+    assert onnx_model.backbone.info.fused
+    assert {"Attention", "EmbedLayerNormalization", "BiasGelu"} <= _op_types(onnx_model)
+    assert "SkipLayerNormalization" not in _op_types(onnx_model)
     expected = torch_model.encode(TEXTS)
     np.testing.assert_allclose(onnx_model.encode(TEXTS, batch_size=1), expected, atol=1e-5)
     np.testing.assert_allclose(onnx_model.encode(TEXTS, batch_size=3), expected, atol=1e-5)
@@ -41,24 +76,39 @@ def test_onnx_matches_torch_encoder(tiny_bert):
         onnx_model.encode(TEXTS, all_layers=True)
 
 
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_fused_graph_matches_torch_on_either_padding_side(family, side, tiny_bert, tiny_roberta):
+    """The fused attention reads the raw mask: left-padded batches agree with torch too."""
+    folder = str(tiny_bert if family == "bert" else tiny_roberta)
+    kwargs = {"pooling": "mean", "padding_side": side}
+    torch_model = AnglE.from_pretrained(folder, device="cpu", **kwargs)
+    onnx_model = AnglE.from_pretrained(folder, backend="onnx", **kwargs)
+    assert onnx_model.backbone.info.fused and "Attention" in _op_types(onnx_model)
+    np.testing.assert_allclose(
+        onnx_model.encode(TEXTS, batch_size=3), torch_model.encode(TEXTS, batch_size=3), atol=1e-5
+    )
+
+
 def test_onnx_matches_torch_decoder_with_prompt(tiny_llama):
     """A decoder with last-token pooling and a mid-string template agrees too."""
     kwargs = {"pooling": "last", "prompt": Prompts.A}
     torch_model = AnglE.from_pretrained(str(tiny_llama), device="cpu", **kwargs)
     onnx_model = AnglE.from_pretrained(str(tiny_llama), backend="onnx", **kwargs)
+    assert not onnx_model.backbone.info.fused and not FUSED_OPS & _op_types(onnx_model)
     np.testing.assert_allclose(
         onnx_model.encode(TEXTS, batch_size=2), torch_model.encode(TEXTS), atol=1e-5
     )
 
 
 def test_int8_close_to_float(tiny_bert):
-    """Dynamic int8 stays within cosine 0.99 of float32 and really quantises the graph."""
-    import onnx
-
+    """Dynamic int8 stays within cosine 0.99 of float32 and really quantises the graph,
+    the fused attention's query/key/value product included."""
     fp32 = AnglE.from_pretrained(str(tiny_bert), pooling="mean", backend="onnx")
     int8 = AnglE.from_pretrained(str(tiny_bert), pooling="mean", backend="onnx", quantize="int8")
     assert int8.backbone.info.quantize == "int8"
-    ops = {node.op_type for node in onnx.load_from_string(int8.backbone.model).graph.node}
+    ops = _op_types(int8)
+    assert "QAttention" in ops and "Attention" not in ops
     assert ops & {"MatMulInteger", "DynamicQuantizeLinear", "DynamicQuantizeMatMul"}
     assert len(int8.backbone.model) < len(fp32.backbone.model)
     assert _cosines(int8.encode(TEXTS), fp32.encode(TEXTS)).min() > 0.99
@@ -80,9 +130,23 @@ def test_saved_folder_loads_onnx_with_settings(tiny_bert, bert_onnx_dir):
 def test_saved_float_graph_quantised_on_load(bert_onnx_dir):
     """quantize='int8' on a saved float32 export quantises it in memory."""
     model = AnglE.from_pretrained(str(bert_onnx_dir), quantize="int8")
-    assert model.backbone.info.quantize == "int8"
+    assert model.backbone.info.quantize == "int8" and "QAttention" in _op_types(model)
     saved = json.loads((bert_onnx_dir / ONNX_INFO_NAME).read_text())
-    assert saved["quantize"] is None
+    assert saved["quantize"] is None and saved["fused"] is True
+
+
+def test_info_without_fused_key_loads(bert_onnx_dir, tmp_path):
+    """An export description written before ``fused`` existed still loads (as unfused)."""
+    import shutil
+
+    folder = tmp_path / "older"
+    shutil.copytree(bert_onnx_dir, folder)
+    info = json.loads((folder / ONNX_INFO_NAME).read_text())
+    del info["fused"]
+    (folder / ONNX_INFO_NAME).write_text(json.dumps(info))
+    model = AnglE.from_pretrained(str(folder))
+    assert model.backbone.info.fused is False
+    assert model.encode(TEXTS).shape == (4, 32)
 
 
 def test_bad_backend_arguments(tiny_bert, bert_onnx_dir):

@@ -3,9 +3,11 @@
 Only the backbone (token ids and mask to ``(B, T, H)`` hidden states) goes into the graph;
 tokenisation, prompts, length-sorted batching, pooling and normalisation stay in
 :meth:`AnglE.encode <anglekit.model.AnglE.encode>`, so an ONNX model encodes exactly like
-its torch original. ``quantize="int8"`` applies onnxruntime's dynamic quantisation: weights
-of the matrix multiplications stored as int8, activations quantised per batch at run time
-(fast on CPUs with AVX-512 VNNI or AMX).
+its torch original. BERT-family graphs are then rewritten by onnxruntime's transformer
+optimiser into its fused operators (embeddings with layer norm, attention, GELU with bias),
+so the saved graph is for onnxruntime. ``quantize="int8"`` applies onnxruntime's dynamic
+quantisation: weights of the matrix multiplications (attention's included) stored as int8,
+activations quantised per batch at run time (fast on CPUs with AVX-512 VNNI or AMX).
 
 A folder saved from an ONNX model holds ``model.onnx``, ``anglekit_onnx.json`` (how it was
 exported), the backbone's ``config.json``, the tokenizer and the anglekit config;
@@ -18,6 +20,8 @@ import json
 import logging
 import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from enum import Enum
 from pathlib import Path
@@ -46,6 +50,11 @@ OPSET = 17
 INPUTS = ("input_ids", "attention_mask")
 OUTPUT = "last_hidden_state"
 MAX_PROTO_BYTES = 2**31 - 1  # one ONNX protobuf file holds at most 2 GiB
+#: Hugging Face model types whose exports onnxruntime's BERT optimiser fuses.
+BERT_FAMILY = frozenset({"bert", "roberta", "xlm-roberta", "camembert", "electra"})
+#: onnxruntime fusions left out. Its CPU SkipLayerNormalization kernel took 2.0 ms on a
+#: 2,048 x 384 input (2 threads) where the Add and LayerNormalization it replaces took 0.38 ms.
+DISABLED_FUSIONS = ("SkipLayerNormFusion",)
 INSTALL_HINT = 'pip install "anglekit[onnx]"'
 
 
@@ -69,6 +78,8 @@ class OnnxInfo:
     Attributes:
         file: the graph's file name in the folder.
         quantize: ``"int8"`` for a dynamically quantised graph, else ``None``.
+        fused: whether onnxruntime's transformer optimiser rewrote the graph into its own
+            operators (then only onnxruntime runs it).
         opset: the ONNX opset it was exported with.
         inputs: input names, in order.
         output: output name (the last hidden states).
@@ -76,6 +87,7 @@ class OnnxInfo:
 
     file: str = ONNX_NAME
     quantize: str | None = None
+    fused: bool = False
     opset: int = OPSET
     inputs: tuple[str, ...] = INPUTS
     output: str = OUTPUT
@@ -128,11 +140,40 @@ class _HiddenStates(nn.Module):
         return out.last_hidden_state  # (B, T, H)
 
 
+@contextmanager
+def _eager_attention(backbone: nn.Module) -> Iterator[None]:
+    """Trace attention as plain products and softmax, the pattern onnxruntime fuses."""
+    switch = getattr(backbone, "set_attn_implementation", None)  # transformers >= 4.56
+    before = getattr(backbone.config, "_attn_implementation", None)
+    if switch is None or before in (None, "eager"):
+        yield
+        return
+    switch("eager")
+    try:
+        yield
+    finally:
+        switch(before)
+
+
+@contextmanager
+def _quiet_tooling() -> Iterator[None]:
+    """Silence the onnxruntime optimiser's and quantiser's step-by-step log records.
+
+    They log each fusion and node removal (dozens of lines per export) and advise
+    pre-processing; failures still raise.
+    """
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
 def export_backbone(backbone: nn.Module) -> bytes:
     """Trace a Hugging Face backbone to an ONNX graph with dynamic batch and length axes.
 
-    Uses the TorchScript-based ``torch.onnx.export``, whose graphs onnxruntime's optimiser
-    fuses (attention, layer norm, GELU) best.
+    Uses the TorchScript-based ``torch.onnx.export`` with eager attention, whose graphs
+    onnxruntime's optimiser fuses (attention, layer norm, GELU) best.
 
     Returns:
         The serialised ``ModelProto``.
@@ -149,7 +190,11 @@ def export_backbone(backbone: nn.Module) -> bytes:
     attention_mask[1, 5:] = 0  # one padded row, so masking is traced
     axes = {0: "batch", 1: "sequence"}
     module = _HiddenStates(backbone).float().eval()
-    with tempfile.TemporaryDirectory(prefix="anglekit-onnx-") as tmp, warnings.catch_warnings():
+    with (
+        tempfile.TemporaryDirectory(prefix="anglekit-onnx-") as tmp,
+        warnings.catch_warnings(),
+        _eager_attention(backbone),
+    ):
         warnings.simplefilter("ignore")  # tracer warnings about Python control flow
         path = Path(tmp) / ONNX_NAME
         torch.onnx.export(
@@ -165,30 +210,72 @@ def export_backbone(backbone: nn.Module) -> bytes:
         return path.read_bytes()
 
 
+def fuse_bert(model: bytes, config: Any) -> bytes | None:
+    """onnxruntime's transformer optimiser on a BERT-family graph; ``None`` for other models.
+
+    Embeddings and their layer norm, each attention block (one packed product for query, key
+    and value, then attention as one operator) and GELU with its bias become onnxruntime's
+    fused operators. The attention mask stays a raw ``(B, T)`` mask, so either padding side
+    works. Residual additions keep their own layer norms (see ``DISABLED_FUSIONS``). On
+    all-MiniLM-L6-v2 (2,000 STS-B sentences, 2,048-token batches, 2 threads) float32 went
+    from 539 to 660 sentences/s with identical embeddings (cosine 1.000000).
+    """
+    if getattr(config, "model_type", None) not in BERT_FAMILY:
+        return None
+    _onnxruntime()
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    options = FusionOptions("bert")
+    options.enable_skip_layer_norm = options.enable_bias_skip_layer_norm = False
+    options.use_raw_attention_mask(True)
+    with tempfile.TemporaryDirectory(prefix="anglekit-fuse-") as tmp:
+        source, target = Path(tmp) / "plain.onnx", Path(tmp) / "fused.onnx"
+        source.write_bytes(model)
+        with _quiet_tooling():
+            fused = optimize_model(
+                str(source),
+                model_type="bert",
+                num_heads=int(config.num_attention_heads),
+                hidden_size=int(config.hidden_size),
+                optimization_options=options,
+                opt_level=0,  # onnxruntime's own graph fusions run when a session loads it
+                use_gpu=False,
+            )
+            counts = {op: n for op, n in fused.get_fused_operator_statistics().items() if n}
+            fused.save_model_to_file(str(target))
+        logger.info("onnxruntime fused %s", counts or "nothing")
+        return target.read_bytes()
+
+
 def quantize_int8(model: bytes) -> bytes:
     """Dynamic int8 quantisation of an ONNX graph with onnxruntime's quantiser.
 
-    Only the matrix multiplications with constant weights are quantised: int8 weights with
-    one scale per output channel, activations uint8 with a range taken from each batch at
-    run time (so int8 outputs depend slightly on which texts share a batch). onnxruntime
-    runs them with VNNI/AMX integer kernels; embedding tables stay float32. On
-    all-MiniLM-L6-v2 this measured 81.85 STS-B test Spearman against 82.03 in float32
-    (batch 64); one scale per weight tensor was a little faster and lost 0.25-0.4 points.
+    Only the matrix multiplications with constant weights (and fused attention's packed
+    query/key/value product) are quantised: int8 weights with one scale per output channel,
+    activations uint8 with a range taken from each batch at run time (so int8 outputs depend
+    slightly on which texts share a batch). onnxruntime runs them with VNNI/AMX integer
+    kernels; embedding tables stay float32. On all-MiniLM-L6-v2 this measured 81.81 STS-B
+    test Spearman against 82.03 in float32 (2,048-token batches); one scale per weight
+    tensor was a little faster and lost 0.25-0.4 points.
     """
     _onnxruntime()
+    from onnx import TensorProto
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with tempfile.TemporaryDirectory(prefix="anglekit-quant-") as tmp:
         source, target = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         source.write_bytes(model)
-        quantize_dynamic(
-            source,
-            target,
-            weight_type=QuantType.QInt8,
-            per_channel=True,
-            op_types_to_quantize=["MatMul"],
-            extra_options={"MatMulConstBOnly": True},
-        )
+        with _quiet_tooling():
+            quantize_dynamic(
+                source,
+                target,
+                weight_type=QuantType.QInt8,
+                per_channel=True,
+                op_types_to_quantize=["MatMul", "Attention"],
+                # DefaultTensorType: the fused operators' outputs have no inferred type
+                extra_options={"MatMulConstBOnly": True, "DefaultTensorType": TensorProto.FLOAT},
+            )
         return target.read_bytes()
 
 
@@ -229,17 +316,22 @@ class OnnxBackbone(nn.Module):
         self.config = config
         self.info = info
         self.session = ort.InferenceSession(
-            model, sess_options=session_options(threads), providers=["CPUExecutionProvider"]
+            model,
+            sess_options=session_options(threads),
+            providers=["CPUExecutionProvider"],
+            disabled_optimizers=list(DISABLED_FUSIONS),
         )
 
     @classmethod
     def from_torch(cls, backbone: nn.Module, quantize: str | Quantization | None = None):
         """Export a torch backbone (and quantise it when asked)."""
-        model = export_backbone(backbone)
         level = None if quantize is None else parse_quantization(quantize)
+        plain = export_backbone(backbone)
+        fused = fuse_bert(plain, backbone.config)
+        model = plain if fused is None else fused
         if level is Quantization.INT8:
             model = quantize_int8(model)
-        info = OnnxInfo(quantize=None if level is None else level.value)
+        info = OnnxInfo(quantize=None if level is None else level.value, fused=fused is not None)
         logger.info("exported the backbone to ONNX (%s)", level.value if level else "float32")
         return cls(model, backbone.config, info)
 
