@@ -21,23 +21,26 @@ def wordpiece_vocab() -> dict[str, int]:
     return {w: i for i, w in enumerate(SPECIALS + chars + ["##" + c for c in chars])}
 
 
-def build_tiny_bert(folder: Path, seed: int = 0) -> Path:
-    """Save a 2-layer, 32-d random BERT and its tokenizer into ``folder``."""
+def build_tiny_bert(folder: Path, seed: int = 0, family: str = "bert") -> Path:
+    """Save a 2-layer, 32-d random BERT (or RoBERTa) and its WordPiece tokenizer."""
     import torch
-    from transformers import BertConfig, BertModel, BertTokenizerFast
+    from transformers import AutoConfig, AutoModel, BertTokenizerFast
 
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = BertTokenizerFast(vocab=wordpiece_vocab())
     torch.manual_seed(seed)
-    config = BertConfig(
+    config = AutoConfig.for_model(
+        family,
         vocab_size=tokenizer.vocab_size,
         hidden_size=32,
         num_hidden_layers=2,
         num_attention_heads=2,
         intermediate_size=64,
-        max_position_embeddings=128,
+        # RoBERTa counts positions from pad_token_id + 1
+        max_position_embeddings=128 if family == "bert" else 130,
+        pad_token_id=tokenizer.pad_token_id,
     )
-    BertModel(config).save_pretrained(folder)
+    AutoModel.from_config(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 

@@ -11,7 +11,7 @@ from anglekit import AnglE, Prompts
 from anglekit.cli import main
 from anglekit.onnx_backend import ONNX_INFO_NAME, ONNX_NAME, Backend, OnnxBackbone
 
-from .conftest import wordpiece_vocab
+from .conftest import build_tiny_bert
 
 TEXTS = ["a man plays a flute", "hi", "the quick brown fox jumps over the lazy dog", "kids play"]
 FUSED_OPS = {"Attention", "QAttention", "EmbedLayerNormalization", "BiasGelu"}
@@ -30,24 +30,7 @@ def _op_types(model: AnglE) -> set[str]:
 @pytest.fixture(scope="module")
 def tiny_roberta(tmp_path_factory):
     """A 2-layer random RoBERTa (position ids counted from the mask) with a WordPiece vocab."""
-    import torch
-    from transformers import BertTokenizerFast, RobertaConfig, RobertaModel
-
-    folder = tmp_path_factory.mktemp("tiny-roberta")
-    tokenizer = BertTokenizerFast(vocab=wordpiece_vocab())
-    torch.manual_seed(0)
-    config = RobertaConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=130,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    RobertaModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return build_tiny_bert(tmp_path_factory.mktemp("tiny-roberta"), family="roberta")
 
 
 @pytest.fixture(scope="module")
