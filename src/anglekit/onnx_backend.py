@@ -143,7 +143,7 @@ class _HiddenStates(nn.Module):
 @contextmanager
 def _eager_attention(backbone: nn.Module) -> Iterator[None]:
     """Trace attention as plain products and softmax, the pattern onnxruntime fuses."""
-    switch = getattr(backbone, "set_attn_implementation", None)  # transformers >= 4.56
+    switch = getattr(backbone, "set_attn_implementation", None)  # absent in older transformers
     before = getattr(backbone.config, "_attn_implementation", None)
     if switch is None or before in (None, "eager"):
         yield
