@@ -20,12 +20,12 @@ import json
 import logging
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -56,6 +56,8 @@ BERT_FAMILY = frozenset({"bert", "roberta", "xlm-roberta", "camembert", "electra
 #: 2,048 x 384 input (2 threads) where the Add and LayerNormalization it replaces took 0.38 ms.
 DISABLED_FUSIONS = ("SkipLayerNormFusion",)
 INSTALL_HINT = 'pip install "anglekit[onnx]"'
+
+T = TypeVar("T")
 
 
 class Backend(str, Enum):
@@ -155,20 +157,6 @@ def _eager_attention(backbone: nn.Module) -> Iterator[None]:
         switch(before)
 
 
-@contextmanager
-def _quiet_tooling() -> Iterator[None]:
-    """Silence the onnxruntime optimiser's and quantiser's step-by-step log records.
-
-    They log each fusion and node removal (dozens of lines per export) and advise
-    pre-processing; failures still raise.
-    """
-    logging.disable(logging.WARNING)
-    try:
-        yield
-    finally:
-        logging.disable(logging.NOTSET)
-
-
 def export_backbone(backbone: nn.Module) -> bytes:
     """Trace a Hugging Face backbone to an ONNX graph with dynamic batch and length axes.
 
@@ -210,6 +198,27 @@ def export_backbone(backbone: nn.Module) -> bytes:
         return path.read_bytes()
 
 
+def _rewrite(model: bytes, tool: Callable[[Path, Path], T]) -> tuple[bytes, T]:
+    """Run an onnxruntime tool that reads one ONNX file and writes another.
+
+    The optimiser and the quantiser log each fusion and node removal (dozens of records per
+    export) and advise pre-processing, so records below errors are held back while they run;
+    failures still raise.
+
+    Returns:
+        The rewritten graph and what ``tool(source, target)`` returned.
+    """
+    with tempfile.TemporaryDirectory(prefix="anglekit-onnx-") as tmp:
+        source, target = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
+        source.write_bytes(model)
+        logging.disable(logging.WARNING)
+        try:
+            result = tool(source, target)
+        finally:
+            logging.disable(logging.NOTSET)
+        return target.read_bytes(), result
+
+
 def fuse_bert(model: bytes, config: Any) -> bytes | None:
     """onnxruntime's transformer optimiser on a BERT-family graph; ``None`` for other models.
 
@@ -229,23 +238,23 @@ def fuse_bert(model: bytes, config: Any) -> bytes | None:
     options = FusionOptions("bert")
     options.enable_skip_layer_norm = options.enable_bias_skip_layer_norm = False
     options.use_raw_attention_mask(True)
-    with tempfile.TemporaryDirectory(prefix="anglekit-fuse-") as tmp:
-        source, target = Path(tmp) / "plain.onnx", Path(tmp) / "fused.onnx"
-        source.write_bytes(model)
-        with _quiet_tooling():
-            fused = optimize_model(
-                str(source),
-                model_type="bert",
-                num_heads=int(config.num_attention_heads),
-                hidden_size=int(config.hidden_size),
-                optimization_options=options,
-                opt_level=0,  # onnxruntime's own graph fusions run when a session loads it
-                use_gpu=False,
-            )
-            counts = {op: n for op, n in fused.get_fused_operator_statistics().items() if n}
-            fused.save_model_to_file(str(target))
-        logger.info("onnxruntime fused %s", counts or "nothing")
-        return target.read_bytes()
+
+    def optimise(source: Path, target: Path) -> dict[str, int]:
+        fused = optimize_model(
+            str(source),
+            model_type="bert",
+            num_heads=int(config.num_attention_heads),
+            hidden_size=int(config.hidden_size),
+            optimization_options=options,
+            opt_level=0,  # onnxruntime's own graph fusions run when a session loads it
+            use_gpu=False,
+        )
+        fused.save_model_to_file(str(target))
+        return {op: n for op, n in fused.get_fused_operator_statistics().items() if n}
+
+    graph, counts = _rewrite(model, optimise)
+    logger.info("onnxruntime fused %s", counts or "nothing")
+    return graph
 
 
 def quantize_int8(model: bytes) -> bytes:
@@ -263,20 +272,19 @@ def quantize_int8(model: bytes) -> bytes:
     from onnx import TensorProto
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    with tempfile.TemporaryDirectory(prefix="anglekit-quant-") as tmp:
-        source, target = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
-        source.write_bytes(model)
-        with _quiet_tooling():
-            quantize_dynamic(
-                source,
-                target,
-                weight_type=QuantType.QInt8,
-                per_channel=True,
-                op_types_to_quantize=["MatMul", "Attention"],
-                # DefaultTensorType: the fused operators' outputs have no inferred type
-                extra_options={"MatMulConstBOnly": True, "DefaultTensorType": TensorProto.FLOAT},
-            )
-        return target.read_bytes()
+    def quantize(source: Path, target: Path) -> None:
+        quantize_dynamic(
+            source,
+            target,
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            op_types_to_quantize=["MatMul", "Attention"],
+            # DefaultTensorType: the fused operators' outputs have no inferred type
+            extra_options={"MatMulConstBOnly": True, "DefaultTensorType": TensorProto.FLOAT},
+        )
+
+    graph, _ = _rewrite(model, quantize)
+    return graph
 
 
 def session_options(threads: int | None = None) -> Any:
