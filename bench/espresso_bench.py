@@ -84,10 +84,9 @@ def train(config: Config, variant: str, output_dir: Path) -> dict[str, Any]:
 
     base, layers = str(_common.minilm_folder()), config.layers
     if variant == "two-layer":
+        cut = AnglE.from_pretrained(base, pooling="mean", layers=CUT_LAYERS)
         base, layers = str(output_dir / "base"), (CUT_LAYERS,)
-        AnglE.from_pretrained(
-            str(_common.minilm_folder()), pooling="mean", layers=CUT_LAYERS
-        ).save_pretrained(base)
+        cut.save_pretrained(base)
     result = fit(
         base,
         str(_common.stsb_path("train")),
