@@ -259,7 +259,8 @@ def test_gather_across_two_gloo_processes_equals_one_process(tmp_path):
             want_loss, want = (full_trip, expected_trip) if name == "triplets" else (full, expected)
             assert loss == pytest.approx(want_loss.item(), rel=1e-5), name
             for n in want:
-                torch.testing.assert_close(grads[n], want[n], atol=1e-6, rtol=1e-5)
+                # float32 sums in another order (two ranks, then the all-reduce)
+                torch.testing.assert_close(grads[n], want[n], atol=1e-5, rtol=1e-4)
 
 
 def test_gather_is_identity_on_one_process():

@@ -31,7 +31,8 @@ remade when the weight changes (a training step, a load), and costs once the mem
 bf16 linear weights. Encoding 2,000 STS-B sentences with all-MiniLM-L6-v2 in bf16, the
 median of 12 interleaved passes was 1.13x (batch 32) and 1.08x (batch 128) faster with
 packed weights; fusing the GELU took a further 8% off a forward pass of 128 sentences
-(fastest of 30). Without those oneDNN operators (another torch build) layers run as before.
+(fastest of 30). Without those oneDNN operators (another torch build, or a CPU without
+AVX-512) layers run as before.
 
 **Batches side by side.** torch splits every operation over its intra-op threads and waits
 for all of them at its end; the many small operations of short-sentence batches (layer
@@ -196,11 +197,15 @@ _PATCHING = threading.Lock()
 
 
 def _packing_available() -> bool:
+    """Whether this torch build and CPU have oneDNN's packed bf16 linear kernels (they need
+    AVX-512 or AVX-NE-CONVERT; on an AVX2-only CPU the reorder raises)."""
     mkldnn = torch.ops.mkldnn
     return (
         torch.backends.mkldnn.is_available()
         and hasattr(mkldnn, "_reorder_linear_weight")
         and hasattr(mkldnn, "_linear_pointwise")
+        and hasattr(mkldnn, "_is_mkldnn_bf16_supported")
+        and bool(mkldnn._is_mkldnn_bf16_supported())
     )
 
 
