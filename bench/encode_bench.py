@@ -20,6 +20,10 @@ Systems:
   also with a token budget per batch (2,048 padded tokens by default) instead of batch 32.
   From the project venv (``make``).
 
+bf16 rows run only where torch has bf16 matrix kernels for the CPU (``--bf16``): on an
+AVX2-only CPU they are emulated (sentence-transformers bf16 measured 47 sentences/s there,
+against 263 in float32) and would take most of the run.
+
 The table gives each row's ratio to sentence-transformers' torch fp32 row and to its
 fastest row, and the target check: anglekit's fastest row against sentence-transformers'
 fastest, with the Spearman lost. Rows a few minutes apart can meet different machine
@@ -67,6 +71,18 @@ ANGLEKIT_ROWS = {
 }  # fmt: skip
 #: Most Spearman points the fastest anglekit row may lose against ST torch fp32.
 MAX_POINTS_LOST = 0.5
+#: Why bf16 rows are left out on a CPU without bf16 matrix kernels.
+NO_BF16 = (
+    "this CPU has no bf16 matrix kernels (oneDNN needs AVX-512 or AVX-NE-CONVERT): bf16 runs "
+    "emulated, several times slower than float32 (--bf16 yes runs it anyway)"
+)
+
+
+def native_bf16() -> bool:
+    """Whether torch runs bf16 products natively on this CPU (oneDNN's bf16 kernels)."""
+    import torch
+
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 @dataclass(frozen=True)
@@ -78,6 +94,7 @@ class EncodeConfig:
     batch_size: int = 32
     repetitions: int = 3
     max_tokens_per_batch: int = 2048
+    bf16: bool = True  # run the bf16 rows
 
     def worker_args(self) -> list[str]:
         """The shared command-line arguments of the encoding workers."""
@@ -121,6 +138,9 @@ def bench_st(config: EncodeConfig, system: str, rows: dict[str, Row]) -> list[di
         if batch_size is not None:  # the later --batch-size wins
             name += f", batch {batch_size}"
             args += ["--batch-size", str(batch_size)]
+        if variant == "bf16" and not config.bf16:
+            results.append(_common.result_row(name, "skipped", error=NO_BF16))
+            continue
         rows[name] = Row(name, python, "st_encode.py", args)
         results.append(rows[name].run(config.threads))
     return results
@@ -136,6 +156,9 @@ def bench_anglekit(config: EncodeConfig, rows: dict[str, Row]) -> list[dict]:
         return [_common.result_row(name, "skipped", error=message) for name in ANGLEKIT_ROWS]
     results = []
     for name, extra in ANGLEKIT_ROWS.items():
+        if "bfloat16" in extra and not config.bf16:
+            results.append(_common.result_row(name, "skipped", error=NO_BF16))
+            continue
         extra = [a.format(budget=config.max_tokens_per_batch) for a in extra]
         args = ["--system", name, *config.worker_args(), *extra]  # a later flag wins
         rows[name] = Row(name, python, "anglekit_encode.py", args)
@@ -272,9 +295,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="head-to-head pairs of the two fastest rows after the rounds, 0 for none "
         "(default: %(default)s)",
     )
+    parser.add_argument(
+        "--bf16",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="run the bf16 rows; auto: where torch has bf16 kernels for this CPU "
+        "(default: %(default)s)",
+    )
     args = parser.parse_args(argv)
     config = EncodeConfig(
-        threads=args.threads, max_tokens_per_batch=args.max_tokens_per_batch, count=args.count
+        threads=args.threads,
+        max_tokens_per_batch=args.max_tokens_per_batch,
+        count=args.count,
+        bf16=native_bf16() if args.bf16 == "auto" else args.bf16 == "yes",
     )
     rows: dict[str, Row] = {}
     runners = {
