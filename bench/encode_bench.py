@@ -78,13 +78,6 @@ NO_BF16 = (
 )
 
 
-def native_bf16() -> bool:
-    """Whether torch runs bf16 products natively on this CPU (oneDNN's bf16 kernels)."""
-    import torch
-
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
 @dataclass(frozen=True)
 class EncodeConfig:
     """The workload every system gets."""
@@ -269,6 +262,14 @@ def print_report(rows: Sequence[dict[str, Any]]) -> None:
     _common.print_failures(rows)
 
 
+def _bf16_rows(choice: str) -> bool:
+    if choice != "auto":
+        return choice == "yes"
+    from anglekit.cpu_inference import native_cpu_bf16
+
+    return native_cpu_bf16()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the selected systems and writes ``bench/results/encode_bench.json``."""
     parser = _common.base_parser(__doc__, SYSTEMS)
@@ -307,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         threads=args.threads,
         max_tokens_per_batch=args.max_tokens_per_batch,
         count=args.count,
-        bf16=native_bf16() if args.bf16 == "auto" else args.bf16 == "yes",
+        bf16=_bf16_rows(args.bf16),
     )
     rows: dict[str, Row] = {}
     runners = {

@@ -186,6 +186,19 @@ def test_bf16_weights_close_to_fp32(tiny_bert):
     assert np.min(np.sum(fp32 * bf16, axis=1)) > 0.99
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_on_a_cpu_that_emulates_it_is_warned_about(tiny_bert, monkeypatch, caplog, native):
+    """Loading bf16 weights for the CPU warns where bf16 is emulated; float32 never warns."""
+    from anglekit import model as model_module
+
+    monkeypatch.setattr(model_module, "native_cpu_bf16", lambda: native)
+    with caplog.at_level("WARNING", logger="anglekit.model"):
+        AnglE.from_pretrained(str(tiny_bert), device="cpu")
+        assert "emulated" not in caplog.text
+        AnglE.from_pretrained(str(tiny_bert), dtype="bfloat16", device="cpu")
+    assert ("emulated" in caplog.text) is not native
+
+
 def test_decoder_defaults_to_last_token_and_gets_a_pad_token(tiny_llama):
     """A causal LM loads with last-token pooling and eos as pad when it has no pad token."""
     model = AnglE.from_pretrained(str(tiny_llama), device="cpu")

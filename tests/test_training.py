@@ -6,8 +6,9 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
-from anglekit import AnglE, TrainOptions, fit
+from anglekit import AnglE, TrainOptions, fit, training
 from anglekit.training import SUMMARY_FILE, fast_bf16, split_options
 
 from .conftest import WORDS, write_jsonl
@@ -163,3 +164,24 @@ def test_fp16_with_float16_trainable_weights_fails_before_training(tiny_bert, st
     with pytest.raises(ValueError, match="trainable parameters are float16.*lora=True"):
         fit(str(tiny_bert), str(train), dtype="float16", fp16=True, output_dir=str(out), **FAST)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_fit_warns_of_bf16_on_a_cpu_that_emulates_it(
+    tiny_bert, sts_files, tmp_path, caplog, monkeypatch, native
+):
+    """bf16 asked for on a CPU without native bf16 kernels is warned about, not refused."""
+    monkeypatch.setattr(training, "native_cpu_bf16", lambda: native)
+    train, _ = sts_files
+    with caplog.at_level("WARNING", logger="anglekit.training"):
+        fit(
+            str(tiny_bert),
+            str(train),
+            output_dir=str(tmp_path),
+            dev_data=None,
+            max_steps=1,
+            bf16=True,
+            **FAST,
+        )
+    assert ("runs emulated" in caplog.text) is (not native and not torch.cuda.is_available())
+    assert json.loads((tmp_path / SUMMARY_FILE).read_text())["options"]["bf16"] is True
