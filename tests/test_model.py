@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from anglekit import AnglE, Prompts
+from anglekit import AnglE, Prompts, cpu_inference
 from anglekit.config import CONFIG_NAME
 from anglekit.pooling import Pooling
 
@@ -189,10 +189,8 @@ def test_bf16_weights_close_to_fp32(tiny_bert):
 @pytest.mark.parametrize("native", [False, True])
 def test_bf16_on_a_cpu_that_emulates_it_is_warned_about(tiny_bert, monkeypatch, caplog, native):
     """Loading bf16 weights for the CPU warns where bf16 is emulated; float32 never warns."""
-    from anglekit import model as model_module
-
-    monkeypatch.setattr(model_module, "native_cpu_bf16", lambda: native)
-    with caplog.at_level("WARNING", logger="anglekit.model"):
+    monkeypatch.setattr(cpu_inference, "native_cpu_bf16", lambda: native)
+    with caplog.at_level("WARNING", logger="anglekit.cpu_inference"):
         AnglE.from_pretrained(str(tiny_bert), device="cpu")
         assert "emulated" not in caplog.text
         AnglE.from_pretrained(str(tiny_bert), dtype="bfloat16", device="cpu")

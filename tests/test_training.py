@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from anglekit import AnglE, TrainOptions, fit, training
+from anglekit import AnglE, TrainOptions, cpu_inference, fit
 from anglekit.training import SUMMARY_FILE, fast_bf16, split_options
 
 from .conftest import WORDS, write_jsonl
@@ -171,9 +171,9 @@ def test_fit_warns_of_bf16_on_a_cpu_that_emulates_it(
     tiny_bert, sts_files, tmp_path, caplog, monkeypatch, native
 ):
     """bf16 asked for on a CPU without native bf16 kernels is warned about, not refused."""
-    monkeypatch.setattr(training, "native_cpu_bf16", lambda: native)
+    monkeypatch.setattr(cpu_inference, "native_cpu_bf16", lambda: native)
     train, _ = sts_files
-    with caplog.at_level("WARNING", logger="anglekit.training"):
+    with caplog.at_level("WARNING", logger="anglekit.cpu_inference"):
         fit(
             str(tiny_bert),
             str(train),

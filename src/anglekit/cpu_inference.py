@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -71,7 +72,10 @@ __all__ = [
     "packed_linears",
     "short_attention",
     "use_short_attention",
+    "warn_if_bf16_emulated",
 ]
+
+logger = logging.getLogger(__name__)
 
 #: Longest key sequence for which CPU inference takes :func:`short_attention`'s own path.
 SHORT_ATTENTION_MAX_TOKENS = 30
@@ -208,6 +212,16 @@ def native_cpu_bf16() -> bool:
         and hasattr(mkldnn, "_is_mkldnn_bf16_supported")
         and bool(mkldnn._is_mkldnn_bf16_supported())
     )
+
+
+def warn_if_bf16_emulated(fix: str) -> None:
+    """Log a warning, naming ``fix``, when bf16 on this CPU would run emulated."""
+    if not native_cpu_bf16():
+        logger.warning(
+            "this CPU has no native bf16 kernels (AVX-512 or AVX-NE-CONVERT): bf16 runs "
+            "emulated, several times slower than float32 (%s)",
+            fix,
+        )
 
 
 def _packing_available() -> bool:

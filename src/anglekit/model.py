@@ -23,9 +23,9 @@ from anglekit.card import CARD_DATA_NAME, CardData, read_base_license, write_car
 from anglekit.config import CONFIG_NAME, AngleConfig, BackboneKind
 from anglekit.cpu_inference import (
     map_batches,
-    native_cpu_bf16,
     packed_linears,
     use_short_attention,
+    warn_if_bf16_emulated,
 )
 from anglekit.layers import layer_outputs, num_layers, truncate_backbone
 from anglekit.onnx_backend import (
@@ -274,11 +274,8 @@ class AnglE(nn.Module):
         else:
             torch_dtype = _parse_dtype(dtype) or DTYPES[config.dtype]
             device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-            if torch_dtype == torch.bfloat16 and str(device) == "cpu" and not native_cpu_bf16():
-                logger.warning(
-                    "this CPU has no native bf16 kernels (AVX-512 or AVX-NE-CONVERT): bf16 "
-                    "runs emulated, several times slower than dtype='float32'"
-                )
+            if torch_dtype == torch.bfloat16 and str(device) == "cpu":
+                warn_if_bf16_emulated("dtype='float32'")
             llm_options: dict[str, Any] = {}
             if gguf_file or load_kbit or adapter or config.bidirectional_from is not None:
                 from anglekit import llm

@@ -27,7 +27,7 @@ from anglekit._files import atomic_file
 from anglekit.batching import AngleCollator, TokenizedDataset
 from anglekit.card import MEASURED_BY_TRAIN, CardData, training_options
 from anglekit.checkpoints import last_complete_checkpoint, mark_complete
-from anglekit.cpu_inference import native_cpu_bf16
+from anglekit.cpu_inference import warn_if_bf16_emulated
 from anglekit.cpu_training import FrozenWeightCasts, attention_kernels, use_fast_dropout
 from anglekit.data import DataFormat, TrainData, load_sts, load_train_data
 from anglekit.distributed import gather_batch
@@ -458,11 +458,8 @@ def fit(
     opts = TrainOptions(**train_kwargs)
     if opts.bf16 is None:  # record what "auto" chose, for the summary and the model card
         opts = replace(opts, bf16=fast_bf16() and not opts.fp16)
-    elif opts.bf16 and not torch.cuda.is_available() and not native_cpu_bf16():
-        logger.warning(
-            "bf16 on a CPU without native bf16 kernels (AVX-512 or AVX-NE-CONVERT) runs "
-            "emulated, several times slower than fp32 (--no-bf16)"
-        )
+    elif opts.bf16 and not torch.cuda.is_available():
+        warn_if_bf16_emulated("bf16=False, --no-bf16")
     loss = AngleLoss(LossConfig(**loss_kwargs))
     size = EspressoConfig(**size_kwargs)
     objective = EspressoLoss(loss, size) if size.active else loss
