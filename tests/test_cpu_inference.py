@@ -190,6 +190,132 @@ def test_packed_linears_match_plain_layers_and_restore_them(tiny_bert) -> None:
     assert not torch.equal(packed, plain)
 
 
+def _ids(lengths: list[int], longest: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids of rows of the given lengths (CLS ... SEP), padded to ``longest``."""
+    torch.manual_seed(1)
+    ids = torch.zeros(len(lengths), longest, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        ids[row, :length] = torch.randint(5, 60, (length,))
+        ids[row, 0], ids[row, length - 1] = 2, 3
+    return ids, (ids != 0).long()
+
+
+def _fused_blocks(model: nn.Module) -> list[nn.Module]:
+    return [
+        block
+        for layer in model.encoder.layer
+        for block in (layer.attention.self, layer.attention.output, layer.output)
+    ]
+
+
+def _attention_inputs(longest: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """bf16 hidden states ``(3, T, 32)`` of unit scale and SDPA's boolean mask, with the
+    second and third rows padded."""
+    torch.manual_seed(2)
+    hidden = torch.randn(3, longest, 32).to(torch.bfloat16)
+    lengths = torch.tensor([longest, longest - 2, 3])
+    keys = torch.arange(longest)[None, :] < lengths[:, None]  # (B, S)
+    return hidden, keys[:, None, None, :].expand(3, 1, longest, longest)
+
+
+@needs_packing
+@pytest.mark.parametrize("longest", [6, SHORT_ATTENTION_MAX_TOKENS + 4])
+def test_fused_attention_and_residual_blocks_match_plain_bert(
+    tiny_bert, longest: int, sdpa_calls: list[int]
+) -> None:
+    """On short attention, a BERT layer's self-attention runs one fused query/key/value
+    product and its two sublayer outputs add the residual inside the product: each block's
+    output and the model's match the plain ones to bf16 rounding, sequences past the short
+    path still go through SDPA, and afterwards every block is plain again."""
+    model = _bf16_bert(tiny_bert)
+    assert use_short_attention(model)
+    layer = model.encoder.layer[0]
+    hidden, mask = _attention_inputs(longest)
+    ids, ids_mask = _ids([longest, longest - 2, 3], longest)
+
+    def run() -> list[torch.Tensor]:
+        attended = layer.attention.self(hidden, mask)[0]
+        return [
+            attended,
+            layer.attention.output(attended, hidden),
+            layer.output(layer.intermediate(hidden), hidden),
+            model(input_ids=ids, attention_mask=ids_mask).last_hidden_state,
+        ]
+
+    with torch.inference_mode():
+        plain = run()
+        calls = len(sdpa_calls)
+        with packed_linears(model):
+            assert all("forward" in vars(block) for block in _fused_blocks(model))
+            fused = run()
+    long_rows = longest > SHORT_ATTENTION_MAX_TOKENS
+    assert len(sdpa_calls) - calls == (1 + len(model.encoder.layer) if long_rows else 0)
+    assert not any("forward" in vars(m) for m in model.modules())
+    real = ids_mask.bool()
+    plain[-1], fused[-1] = plain[-1][real], fused[-1][real]
+    for got, want in zip(fused, plain, strict=True):
+        torch.testing.assert_close(got.float(), want.float(), atol=4e-3, rtol=2e-2)
+
+
+@needs_packing
+def test_fused_blocks_are_plain_with_gradients_or_in_training(tiny_bert) -> None:
+    """With gradients the fused blocks run their own forward, bit for bit, and without
+    gradients in training mode they still apply dropout; the fused query/key/value weight
+    follows a change to one of the three layers."""
+    model = _bf16_bert(tiny_bert)
+    use_short_attention(model)
+    attention = model.encoder.layer[0].attention.self
+    hidden, mask = _attention_inputs(6)
+
+    def forward() -> torch.Tensor:
+        torch.manual_seed(0)
+        return model(inputs_embeds=hidden, attention_mask=mask[:, 0, 0].long()).last_hidden_state
+
+    model.train()
+    plain = forward()
+    with torch.no_grad():
+        plain_no_grad = forward()
+    with packed_linears(model):
+        torch.testing.assert_close(forward(), plain, atol=0, rtol=0)
+        with torch.no_grad():  # the fused GELU still runs: bf16 rounding apart
+            torch.testing.assert_close(forward(), plain_no_grad, atol=0.02, rtol=0.02)
+        model.eval()
+        with torch.inference_mode():
+            before = attention(hidden, mask)[0]
+            with torch.no_grad():
+                attention.value.weight.mul_(2)
+            fused = attention(hidden, mask)[0]
+    with torch.inference_mode():
+        changed = attention(hidden, mask)[0]
+    torch.testing.assert_close(fused.float(), changed.float(), atol=4e-3, rtol=2e-2)
+    assert not torch.allclose(fused.float(), before.float(), atol=1e-2)
+
+
+def test_blocks_of_other_shapes_keep_their_forward() -> None:
+    """A block with the sublayer output's children but another forward signature, and a
+    self-attention on plain SDPA, are not fused."""
+
+    class Other(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.dense = nn.Linear(8, 8).to(torch.bfloat16)
+            self.dropout = nn.Dropout(0.0)
+            self.LayerNorm = nn.LayerNorm(8).to(torch.bfloat16)
+
+        def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+            return self.LayerNorm(self.dense(hidden_states))
+
+    from transformers import BertConfig
+    from transformers.models.bert.modeling_bert import BertSelfAttention
+
+    config = BertConfig(hidden_size=8, num_attention_heads=2, attn_implementation="sdpa")
+    attention = BertSelfAttention(config).to(torch.bfloat16)
+    model = nn.ModuleList([Other(), attention])
+    with packed_linears(model) as switched:
+        assert switched == 4 * cpu_inference._packing_available()
+        assert "forward" not in vars(model[0]) and "forward" not in vars(attention)
+
+
 def test_packed_linear_is_exact_and_follows_weight_changes() -> None:
     """A packed layer gives F.linear's bf16 result bit for bit, also after its weight
     changes in place; with gradients it is plain F.linear."""

@@ -34,6 +34,16 @@ packed weights; fusing the GELU took a further 8% off a forward pass of 128 sent
 (fastest of 30). Without those oneDNN operators (another torch build, or a CPU without
 AVX-512) layers run as before.
 
+**Fused BERT blocks.** Two more of a BERT layer's steps move into its products: each
+sublayer output adds its residual inside the product (oneDNN's binary ``add``), and the
+self-attention computes query, key and value in one product on one packed ``(3H, H)``
+weight and lays the three out head by head in one copy, where three separate layers needed
+three products and three copies before the attention products. On a 2-core Intel Xeon
+(AMX), encoding 2,000 STS-B sentences with all-MiniLM-L6-v2 in bf16, the median of 16
+interleaved passes went from 3,075 to 3,208 sentences/s at a 2,048-token budget (1.04x) and,
+of 10, from 1,789 to 1,972 at batch 32 (1.10x); embeddings agree with the unfused ones to a
+cosine of 0.99994.
+
 **Batches side by side.** torch splits every operation over its intra-op threads and waits
 for all of them at its end; the many small operations of short-sentence batches (layer
 norms, residual adds, the softmax) spend much of their time in those waits. :func:`map_batches`
@@ -52,6 +62,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import logging
 import threading
 import weakref
@@ -76,6 +87,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 #: Longest key sequence for which CPU inference takes :func:`short_attention`'s own path.
 SHORT_ATTENTION_MAX_TOKENS = 30
@@ -189,9 +203,9 @@ def use_short_attention(backbone: nn.Module) -> bool:
     return True
 
 
-# Each layer's (weight key, packed weight), held beside the layer rather than on it: oneDNN's
+# Each module's (weight key, packed weights), held beside the module rather than on it: oneDNN's
 # packed tensors cannot be copied or pickled, and a model must stay deep-copyable and savable.
-_PACKED: weakref.WeakKeyDictionary[nn.Linear, tuple[tuple[int, int], torch.Tensor]] = (
+_PACKED: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[tuple[int, int], ...], Any]] = (
     weakref.WeakKeyDictionary()
 )
 
@@ -235,14 +249,22 @@ def _packing_available() -> bool:
     )
 
 
+def _cached(owner: nn.Module, sources: Sequence[torch.Tensor], build: Callable[[], R]) -> R:
+    """``build()``, kept for ``owner`` until one of ``sources`` is replaced or changed."""
+    key = tuple((t.data_ptr(), t._version) for t in sources)
+    cached = _PACKED.get(owner)
+    if cached is None or cached[0] != key:
+        cached = _PACKED[owner] = (key, build())
+    return cached[1]
+
+
+def _reorder(weight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+
+
 def _packed_weight(linear: nn.Linear) -> torch.Tensor:
     """The layer's reordered weight, remade when the weight tensor or its contents changed."""
-    weight = linear.weight
-    key = (weight.data_ptr(), weight._version)
-    cached = _PACKED.get(linear)
-    if cached is None or cached[0] != key:
-        cached = _PACKED[linear] = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach()))
-    return cached[1]
+    return _cached(linear, (linear.weight,), lambda: _reorder(linear.weight))
 
 
 def _runs_packed(x: torch.Tensor) -> bool:
@@ -275,6 +297,59 @@ def _dense_gelu_forward(block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return _packed_product(block.dense, hidden, "gelu", "none")
 
 
+def _residual_norm_forward(
+    block: nn.Module, hidden: torch.Tensor, residual: torch.Tensor
+) -> torch.Tensor:
+    if block.training or not _runs_packed(hidden):
+        return block.LayerNorm(block.dropout(block.dense(hidden)) + residual)
+    dense = block.dense
+    bias = None if dense.bias is None else dense.bias.detach()
+    summed = torch.ops.mkldnn._linear_pointwise.binary(
+        hidden, residual, _packed_weight(dense), bias, "add"
+    )
+    return block.LayerNorm(summed)
+
+
+def _packed_qkv(attention: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One reordered ``(3H, H)`` weight (and bias) for the query, key and value layers."""
+    layers = (attention.query, attention.key, attention.value)
+    biases = [layer.bias for layer in layers if layer.bias is not None]
+
+    def build() -> tuple[torch.Tensor, torch.Tensor | None]:
+        weight = _reorder(torch.cat([layer.weight for layer in layers]))
+        return weight, torch.cat(biases).detach() if biases else None
+
+    return _cached(attention, [layer.weight for layer in layers] + biases, build)
+
+
+def _fused_qkv_forward(
+    attention: nn.Module,
+    hidden_states: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    if (
+        attention.training
+        or not _runs_packed(hidden_states)
+        or kwargs.get("cache") is not None
+        or kwargs.get("past_key_values") is not None
+        or kwargs.get("encoder_hidden_states") is not None
+    ):
+        return type(attention).forward(attention, hidden_states, attention_mask, **kwargs)
+    for name in ("cache", "past_key_values", "encoder_hidden_states"):
+        kwargs.pop(name, None)
+    batch, length = hidden_states.shape[:2]
+    heads, size = attention.num_attention_heads, attention.attention_head_size
+    weight, bias = _packed_qkv(attention)
+    qkv = torch.ops.mkldnn._linear_pointwise(hidden_states, weight, bias, "none", [], "")
+    # (3, B, H, T, d) in one copy: the attention products then read contiguous heads
+    query, key, value = qkv.view(batch, length, 3, heads, size).permute(2, 0, 3, 1, 4).contiguous()
+    out, _ = short_attention(
+        attention, query, key, value, attention_mask, scaling=attention.scaling, **kwargs
+    )
+    return out.reshape(batch, length, heads * size), None
+
+
 def _packable_layers(module: nn.Module) -> list[nn.Linear]:
     """The module's plain CPU bf16 linear layers, none where oneDNN packing is missing."""
     if not _packing_available():
@@ -303,6 +378,52 @@ def _dense_gelu_blocks(module: nn.Module, layers: list[nn.Linear]) -> list[nn.Mo
     ]
 
 
+def _forward_parameters(module: nn.Module) -> list[str]:
+    return list(inspect.signature(type(module).forward).parameters)[1:]
+
+
+def _residual_norm_blocks(module: nn.Module, layers: list[nn.Linear]) -> list[nn.Module]:
+    """BERT-style sublayer outputs: ``forward(hidden_states, input_tensor)`` over only a
+    packed ``dense`` layer, a dropout and a ``LayerNorm``, so their forward is
+    ``LayerNorm(dropout(dense(hidden_states)) + input_tensor)``."""
+    packed = {id(layer) for layer in layers}
+    return [
+        m
+        for m in module.modules()
+        if set(dict(m.named_children())) == {"dense", "dropout", "LayerNorm"}
+        and id(m.dense) in packed
+        and type(m.dropout) is nn.Dropout
+        and type(m.LayerNorm) is nn.LayerNorm
+        and _forward_parameters(m) == ["hidden_states", "input_tensor"]
+        and "forward" not in vars(m)
+    ]
+
+
+def _fused_qkv_blocks(module: nn.Module, layers: list[nn.Linear]) -> list[nn.Module]:
+    """BERT-style self-attention on :data:`SHORT_ATTENTION`: packed ``query``, ``key`` and
+    ``value`` layers of one input width, a dropout, and no causal mask."""
+    packed = {id(layer) for layer in layers}
+    blocks = []
+    for m in module.modules():
+        if set(dict(m.named_children())) != {"query", "key", "value", "dropout"}:
+            continue
+        projections = (m.query, m.key, m.value)
+        if (
+            all(id(p) in packed for p in projections)
+            and len({p.in_features for p in projections}) == 1
+            and len({p.bias is None for p in projections}) == 1
+            and getattr(getattr(m, "config", None), "_attn_implementation", None) == SHORT_ATTENTION
+            and not getattr(m, "is_causal", True)
+            and isinstance(getattr(m, "scaling", None), float)
+            and {p.out_features for p in projections}
+            == {getattr(m, "num_attention_heads", 0) * getattr(m, "attention_head_size", 0)}
+            and _forward_parameters(m)[:2] == ["hidden_states", "attention_mask"]
+            and "forward" not in vars(m)
+        ):
+            blocks.append(m)
+    return blocks
+
+
 @contextlib.contextmanager
 def packed_linears(module: nn.Module) -> Iterator[int]:
     """Inside the block, the module's CPU bf16 ``nn.Linear`` layers run on packed weights
@@ -310,19 +431,27 @@ def packed_linears(module: nn.Module) -> Iterator[int]:
 
     Layers of other classes (LoRA layers, quantised layers) and layers whose ``forward`` is
     already replaced on the instance (accelerate's device hooks, or this block open in
-    another thread's ``encode``, which then runs unpacked) are left alone. A BERT-style
-    feed-forward input (a block of only ``dense`` and an erf GELU) also applies the GELU
-    inside the product (oneDNN rounds once to bf16 after it, where ``F.gelu`` rounds before
-    and after, so these outputs differ by bf16 rounding).
+    another thread's ``encode``, which then runs unpacked) are left alone. In BERT-style
+    layers, outside training mode, three kinds of block also change: a feed-forward input
+    (only ``dense`` and an erf GELU) applies the GELU inside the product, a sublayer output
+    (``dense``, dropout, ``LayerNorm``) adds its residual inside the product, and a
+    self-attention on :data:`SHORT_ATTENTION` computes query, key and value in one product
+    on one packed weight, then :func:`short_attention`. oneDNN rounds once to bf16 after a
+    fused GELU or add, where the plain layers round before and after, so these outputs
+    differ by bf16 rounding.
 
     Yields:
         The number of layers switched.
     """
     with _PATCHING:
         layers = _packable_layers(module)
-        blocks = _dense_gelu_blocks(module, layers)
-        patches = [(m, functools.partial(_packed_forward, m)) for m in layers]
-        patches += [(m, functools.partial(_dense_gelu_forward, m)) for m in blocks]
+        found = [
+            (layers, _packed_forward),
+            (_dense_gelu_blocks(module, layers), _dense_gelu_forward),
+            (_residual_norm_blocks(module, layers), _residual_norm_forward),
+            (_fused_qkv_blocks(module, layers), _fused_qkv_forward),
+        ]
+        patches = [(m, functools.partial(forward, m)) for ms, forward in found for m in ms]
         for patched, forward in patches:
             patched.forward = forward
     try:
@@ -332,10 +461,6 @@ def packed_linears(module: nn.Module) -> Iterator[int]:
             for patched, forward in patches:
                 if vars(patched).get("forward") is forward:
                     del patched.forward
-
-
-T = TypeVar("T")
-R = TypeVar("R")
 
 
 def map_batches(fn: Callable[[T], R], batches: Sequence[T]) -> Iterator[R]:
