@@ -115,6 +115,28 @@ def test_length_sorted_batches_budget():
         length_sorted_batches(lengths, max_tokens=0)
 
 
+def test_token_budget_batches_come_in_whole_rounds_of_workers():
+    """With two workers the budget is lowered so the full batches split evenly between them
+    (at most a remainder of a few rows), each within the budget; one worker keeps the
+    budget as given."""
+    rng = np.random.default_rng(0)
+    lengths = [int(n) for n in rng.integers(5, 33, size=2000)]
+    plain = length_sorted_batches(lengths, max_tokens=2048)
+    assert plain == length_sorted_batches(lengths, max_tokens=2048, workers=1)
+
+    def full(batches: list[list[int]]) -> list[int]:
+        padded = [len(b) * lengths[b[0]] for b in batches]
+        assert max(padded) <= 2048
+        return [p for p in padded if p > 2048 // 2]
+
+    assert len(full(plain)) == 19 and len(plain) == 20  # the last batch a quarter full
+    for workers in (2, 3, 4):
+        batches = length_sorted_batches(lengths, max_tokens=2048, workers=workers)
+        assert sorted(i for b in batches for i in b) == list(range(2000))
+        assert len(full(batches)) % workers == 0 and len(batches) - len(full(batches)) <= 1
+        assert min(full(batches)) > 0.95 * max(full(batches))
+
+
 def test_token_budget_encode_matches_fixed_batches(model):
     """Token-budget batches give the same embeddings as fixed batches."""
     expected = model.encode(TEXTS, batch_size=2)

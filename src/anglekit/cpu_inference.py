@@ -78,6 +78,7 @@ __all__ = [
     "MAX_BATCH_WORKERS",
     "SHORT_ATTENTION",
     "SHORT_ATTENTION_MAX_TOKENS",
+    "batch_workers",
     "map_batches",
     "native_cpu_bf16",
     "packed_linears",
@@ -463,17 +464,23 @@ def packed_linears(module: nn.Module) -> Iterator[int]:
                     del patched.forward
 
 
+def batch_workers() -> int:
+    """How many batches :func:`map_batches` runs side by side here (given that many): one
+    per intra-op thread of the caller, at most :data:`MAX_BATCH_WORKERS`."""
+    return min(torch.get_num_threads(), MAX_BATCH_WORKERS)
+
+
 def map_batches(fn: Callable[[T], R], batches: Sequence[T]) -> Iterator[R]:
     """``map(fn, batches)`` with the batches run side by side on CPU worker threads.
 
-    Workers: one per intra-op thread of the caller (``torch.get_num_threads()``), at most one
-    per batch and :data:`MAX_BATCH_WORKERS`, sharing those threads evenly between them.
+    Workers: :func:`batch_workers`, at most one per batch, sharing the caller's intra-op
+    threads (``torch.get_num_threads()``) evenly between them.
     Each call of ``fn`` runs under the caller's grad, inference-mode and CPU autocast
     settings, which torch keeps per thread. With one thread or one batch this is ``map`` in
     the calling thread. Results come in the order of ``batches``.
     """
     threads = torch.get_num_threads()
-    workers = min(threads, len(batches), MAX_BATCH_WORKERS)
+    workers = min(batch_workers(), len(batches))
     if workers < 2:
         yield from map(fn, batches)
         return

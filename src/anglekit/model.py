@@ -22,6 +22,7 @@ from anglekit.batching import length_sorted_batches, pad_batch
 from anglekit.card import CARD_DATA_NAME, CardData, read_base_license, write_card
 from anglekit.config import CONFIG_NAME, AngleConfig, BackboneKind
 from anglekit.cpu_inference import (
+    batch_workers,
     map_batches,
     packed_linears,
     use_short_attention,
@@ -469,7 +470,14 @@ class AnglE(nn.Module):
         if not 1 <= dim <= self.hidden_size:
             raise ValueError(f"embedding_size must be in 1..{self.hidden_size}, got {dim}")
         ids = self.tokenize(batch, self.template(prompt, prompt_name))
-        batches = length_sorted_batches([len(x) for x in ids], batch_size, max_tokens_per_batch)
+        # onnxruntime threads its own sessions; GPUs take batches one at a time.
+        on_cpu = self.device.type == "cpu" and not isinstance(self.backbone, OnnxBackbone)
+        batches = length_sorted_batches(
+            [len(x) for x in ids],
+            batch_size,
+            max_tokens_per_batch,
+            workers=batch_workers() if on_cpu else 1,
+        )
         depths = (num_layers(self.backbone),) if all_layers else ()
         out = torch.empty(*depths, len(ids), self.hidden_size, dtype=torch.float32)
 
@@ -483,8 +491,6 @@ class AnglE(nn.Module):
         self.eval()
         try:
             with torch.inference_mode(), packed_linears(self.backbone):
-                # onnxruntime threads its own sessions; GPUs take batches one at a time.
-                on_cpu = self.device.type == "cpu" and not isinstance(self.backbone, OnnxBackbone)
                 done = map_batches(embed, batches) if on_cpu else map(embed, batches)
                 show = sys.stderr.isatty() if show_progress is None else show_progress
                 if show and len(batches) > 1:
