@@ -25,6 +25,8 @@ from anglekit.cpu_inference import (
     use_short_attention,
 )
 
+from .conftest import build_tiny_bert
+
 TEXTS = ["a cat sat", "dogs run fast", "hi", "the quick brown fox!"]  # 4..22 tokens
 
 
@@ -289,6 +291,23 @@ def test_fused_blocks_are_plain_with_gradients_or_in_training(tiny_bert) -> None
         changed = attention(hidden, mask)[0]
     torch.testing.assert_close(fused.float(), changed.float(), atol=4e-3, rtol=2e-2)
     assert not torch.allclose(fused.float(), before.float(), atol=1e-2)
+
+
+@needs_packing
+@pytest.mark.parametrize("family", ["roberta", "electra", "xlm-roberta"])
+def test_fused_blocks_cover_bert_family_encoders(
+    family: str, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Encoders built like BERT get the same fused blocks (two residual outputs and one
+    self-attention per layer) and encode as they do without them."""
+    model = AnglE.from_pretrained(str(build_tiny_bert(tmp_path, family=family)), dtype="bfloat16")
+    layers = cpu_inference._packable_layers(model.backbone)
+    assert len(cpu_inference._residual_norm_blocks(model.backbone, layers)) == 4
+    assert len(cpu_inference._fused_qkv_blocks(model.backbone, layers)) == 2
+    fused = model.encode(TEXTS, normalize=True)
+    for name in ("_residual_norm_blocks", "_fused_qkv_blocks"):
+        monkeypatch.setattr(cpu_inference, name, lambda module, layers: [])
+    assert (fused * model.encode(TEXTS, normalize=True)).sum(axis=1).min() > 0.9999
 
 
 def test_blocks_of_other_shapes_keep_their_forward() -> None:
