@@ -307,7 +307,7 @@ def _residual_norm_forward(
     block: nn.Module, hidden: torch.Tensor, residual: torch.Tensor
 ) -> torch.Tensor:
     if block.training or not _runs_packed(hidden):
-        return block.LayerNorm(block.dropout(block.dense(hidden)) + residual)
+        return type(block).forward(block, hidden, residual)
     dense = block.dense
     bias = None if dense.bias is None else dense.bias.detach()
     summed = torch.ops.mkldnn._linear_pointwise.binary(
