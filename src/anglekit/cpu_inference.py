@@ -384,8 +384,11 @@ def _dense_gelu_blocks(module: nn.Module, layers: list[nn.Linear]) -> list[nn.Mo
     ]
 
 
-def _forward_parameters(module: nn.Module) -> list[str]:
-    return list(inspect.signature(type(module).forward).parameters)[1:]
+@functools.cache
+def _forward_parameters(cls: type[nn.Module]) -> tuple[str, ...]:
+    """The parameter names of a module class's ``forward`` after ``self`` (read once per
+    class: ``packed_linears`` asks on every ``encode``)."""
+    return tuple(inspect.signature(cls.forward).parameters)[1:]
 
 
 def _residual_norm_blocks(module: nn.Module, layers: list[nn.Linear]) -> list[nn.Module]:
@@ -400,7 +403,7 @@ def _residual_norm_blocks(module: nn.Module, layers: list[nn.Linear]) -> list[nn
         and id(m.dense) in packed
         and type(m.dropout) is nn.Dropout
         and type(m.LayerNorm) is nn.LayerNorm
-        and _forward_parameters(m) == ["hidden_states", "input_tensor"]
+        and _forward_parameters(type(m)) == ("hidden_states", "input_tensor")
         and "forward" not in vars(m)
     ]
 
@@ -423,7 +426,7 @@ def _fused_qkv_blocks(module: nn.Module, layers: list[nn.Linear]) -> list[nn.Mod
             and isinstance(getattr(m, "scaling", None), float)
             and {p.out_features for p in projections}
             == {getattr(m, "num_attention_heads", 0) * getattr(m, "attention_head_size", 0)}
-            and _forward_parameters(m)[:2] == ["hidden_states", "attention_mask"]
+            and _forward_parameters(type(m))[:2] == ("hidden_states", "attention_mask")
             and "forward" not in vars(m)
         ):
             blocks.append(m)
