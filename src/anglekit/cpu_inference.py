@@ -277,18 +277,26 @@ def _runs_packed(x: torch.Tensor) -> bool:
     return not torch.is_grad_enabled() and x.dtype == torch.bfloat16 and x.device.type == "cpu"
 
 
-def _packed_product(linear: nn.Linear, x: torch.Tensor, attr: str, algorithm: str) -> torch.Tensor:
+def _packed_product(
+    linear: nn.Linear,
+    x: torch.Tensor,
+    attr: str = "none",
+    algorithm: str = "",
+    add: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``x @ W^T + b`` on the packed weight, then oneDNN's pointwise ``attr`` (``"none"``,
-    ``"gelu"`` with ``algorithm`` ``"none"`` for erf)."""
+    ``"gelu"`` with ``algorithm`` ``"none"`` for erf), or, given ``add``, plus ``add``."""
     bias = None if linear.bias is None else linear.bias.detach()
     weight = _packed_weight(linear)
+    if add is not None:
+        return torch.ops.mkldnn._linear_pointwise.binary(x, add, weight, bias, "add")
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, [], algorithm)
 
 
 def _packed_forward(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     if not _runs_packed(x):
         return F.linear(x, linear.weight, linear.bias)
-    return _packed_product(linear, x, "none", "")
+    return _packed_product(linear, x)
 
 
 def _is_erf_gelu(act: Any) -> bool:
@@ -308,12 +316,7 @@ def _residual_norm_forward(
 ) -> torch.Tensor:
     if block.training or not _runs_packed(hidden):
         return type(block).forward(block, hidden, residual)
-    dense = block.dense
-    bias = None if dense.bias is None else dense.bias.detach()
-    summed = torch.ops.mkldnn._linear_pointwise.binary(
-        hidden, residual, _packed_weight(dense), bias, "add"
-    )
-    return block.LayerNorm(summed)
+    return block.LayerNorm(_packed_product(block.dense, hidden, add=residual))
 
 
 def _packed_qkv(attention: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
