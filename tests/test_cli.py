@@ -141,3 +141,21 @@ def test_errors_are_one_line_and_nonzero(tiny_bert, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "--batch-size", "many"])
     assert exit_info.value.code == 2
+
+
+def test_train_closes_the_process_group(tiny_bert, tmp_path, capsys):
+    """``train`` ends a launcher's process group itself, also when it fails, so no
+    communication thread is left for the interpreter's shutdown to abort on."""
+    import torch.distributed as dist
+
+    store = dist.HashStore()
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text1": "a", "label": 1}\n')
+    try:
+        assert main(["-q", "train", "--model", str(tiny_bert), "--train-data", str(bad)]) == 1
+        assert "bad.jsonl:1" in capsys.readouterr().err
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
