@@ -59,6 +59,37 @@ def test_onnx_matches_torch_encoder(tiny_bert):
         onnx_model.encode(TEXTS, all_layers=True)
 
 
+def test_torch_steps_between_onnx_calls_run_on_one_thread(bert_onnx_dir, monkeypatch):
+    """Padding and pooling around each onnxruntime call use one torch thread (the two thread
+    pools would fight over the cores); the caller's count is back afterwards, also after an
+    error."""
+    import torch
+
+    model = AnglE.from_pretrained(str(bert_onnx_dir))
+    forward, seen = model.backbone.forward, []
+
+    def counting(**kwargs):
+        seen.append(torch.get_num_threads())
+        return forward(**kwargs)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setattr(model.backbone, "forward", counting)
+        model.encode(TEXTS, batch_size=2)
+        assert seen == [1, 1] and torch.get_num_threads() == 2
+
+        def failing(**kwargs):
+            raise RuntimeError("onnxruntime failed")
+
+        monkeypatch.setattr(model.backbone, "forward", failing)
+        with pytest.raises(RuntimeError, match="onnxruntime failed"):
+            model.encode(TEXTS)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("family", ["bert", "roberta"])
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_fused_graph_matches_torch_on_either_padding_side(family, side, tiny_bert, tiny_roberta):

@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from anglekit.onnx_backend import (
     Quantization,
     load_onnx_backbone,
     parse_backend,
+    torch_on_one_thread,
 )
 from anglekit.pooling import Pooling, parse_pooling, pool
 from anglekit.prompts import apply_prompt, resolve_prompt
@@ -471,7 +473,8 @@ class AnglE(nn.Module):
             raise ValueError(f"embedding_size must be in 1..{self.hidden_size}, got {dim}")
         ids = self.tokenize(batch, self.template(prompt, prompt_name))
         # onnxruntime threads its own sessions; GPUs take batches one at a time.
-        on_cpu = self.device.type == "cpu" and not isinstance(self.backbone, OnnxBackbone)
+        onnx = isinstance(self.backbone, OnnxBackbone)
+        on_cpu = self.device.type == "cpu" and not onnx
         batches = length_sorted_batches(
             [len(x) for x in ids],
             batch_size,
@@ -490,7 +493,8 @@ class AnglE(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            with torch.inference_mode(), packed_linears(self.backbone):
+            threads = torch_on_one_thread() if onnx else nullcontext()
+            with torch.inference_mode(), packed_linears(self.backbone), threads:
                 done = map_batches(embed, batches) if on_cpu else map(embed, batches)
                 show = sys.stderr.isatty() if show_progress is None else show_progress
                 if show and len(batches) > 1:

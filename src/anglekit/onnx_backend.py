@@ -288,6 +288,25 @@ def quantize_int8(model: bytes) -> bytes:
     return graph
 
 
+@contextmanager
+def torch_on_one_thread() -> Iterator[None]:
+    """Run torch on one intra-op thread while onnxruntime runs the backbone.
+
+    After each call, onnxruntime's threads and torch's OpenMP threads both spin for a while
+    waiting for more work, so the small torch steps between two onnxruntime calls (padding,
+    pooling, copying rows out) fought over the same cores: on all-MiniLM-L6-v2 int8 (2,000
+    STS-B sentences, 2,048-token batches, 2 cores) one thread for those steps encoded 2,603
+    sentences/s against 2,171 (median of 10 passes each, interleaved). The caller's thread
+    count is restored on exit.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def session_options(threads: int | None = None) -> Any:
     """onnxruntime settings for embedding: all graph fusions, one sequential stream.
 
