@@ -8,8 +8,12 @@ import numpy as np
 import pytest
 
 from anglekit import AnglE
+from anglekit.batching import length_sorted_batches
 from anglekit.cli import main
+from anglekit.data import RESOURCES
 from anglekit.model import DEFAULT_MODEL, resolve_model_path
+
+from .test_quantization import padded_tokens
 
 pytestmark = pytest.mark.slow
 
@@ -35,3 +39,24 @@ def test_bf16_inference_agrees_with_fp32():
     bf16 = AnglE.from_pretrained(DEFAULT_MODEL, dtype="bfloat16", device="cpu")
     cos = np.sum(fp32 * bf16.encode(texts, normalize=True), axis=1)
     assert cos.min() > 0.995
+
+
+def test_token_budget_pads_stsb_less_than_filling_in_turn():
+    """On STS-B sentences the long tail gets batches of its own: fewer padded tokens than
+    filling each batch to the budget in turn."""
+    model = AnglE.from_pretrained(DEFAULT_MODEL)
+    rows = [json.loads(line) for line in (RESOURCES / "stsb" / "train.jsonl").open()]
+    texts = list(dict.fromkeys(t for r in rows for t in (r["text1"], r["text2"])))[:2000]
+    lengths = [len(ids) for ids in model.tokenize(texts)]
+    in_turn, batch = [], []
+    for n in sorted(lengths, reverse=True):
+        if batch and (len(batch) + 1) * batch[0] > 2048:
+            in_turn.append(len(batch) * batch[0])
+            batch = []
+        batch.append(n)
+    in_turn.append(len(batch) * batch[0])
+    padded = padded_tokens(length_sorted_batches(lengths, max_tokens=2048), lengths)
+    assert max(padded) <= 2048
+    waste, waste_in_turn = sum(padded) - sum(lengths), sum(in_turn) - sum(lengths)
+    assert waste < 0.25 * waste_in_turn
+    assert len(padded) <= len(in_turn) + 6

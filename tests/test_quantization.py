@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
 from anglekit import AnglE
-from anglekit.batching import length_sorted_batches
+from anglekit.batching import BATCH_COST_TOKENS, length_sorted_batches
 from anglekit.quantization import Precision, quantize_embeddings
 
 TEXTS = [
@@ -115,26 +117,52 @@ def test_length_sorted_batches_budget():
         length_sorted_batches(lengths, max_tokens=0)
 
 
-def test_token_budget_batches_come_in_whole_rounds_of_workers():
-    """With two workers the budget is lowered so the full batches split evenly between them
-    (at most a remainder of a few rows), each within the budget; one worker keeps the
-    budget as given."""
+def _least_cost(lengths: list[int], budget: int) -> int:
+    """Padded tokens plus the batch cost of the best cut, trying every batch (quadratic)."""
+    sizes = sorted((max(n, 1) for n in lengths), reverse=True)
+    best = [0] + [math.inf] * len(sizes)
+    for j in range(1, len(sizes) + 1):
+        for i in range(j):
+            if j - i == 1 or (j - i) * sizes[i] <= budget:
+                best[j] = min(best[j], best[i] + (j - i) * sizes[i] + BATCH_COST_TOKENS)
+    return best[-1]
+
+
+def padded_tokens(batches: list[list[int]], lengths: list[int]) -> list[int]:
+    return [len(b) * max(lengths[b[0]], 1) for b in batches]
+
+
+def test_token_budget_cuts_cost_the_least():
+    """The cuts cost what the best of all cuts into contiguous batches costs (padded tokens
+    plus BATCH_COST_TOKENS each), within the budget and with every row once."""
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        lengths = [int(n) for n in rng.integers(0, 40, size=rng.integers(1, 40))]
+        budget = int(rng.integers(1, 400))
+        batches = length_sorted_batches(lengths, max_tokens=budget)
+        assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+        padded = padded_tokens(batches, lengths)
+        assert all(len(b) == 1 or p <= budget for b, p in zip(batches, padded, strict=True))
+        assert sum(padded) + BATCH_COST_TOKENS * len(batches) == _least_cost(lengths, budget)
+
+
+def test_token_budget_batches_share_evenly_between_workers():
+    """With several workers the batches come largest first, each within the budget, and
+    taken by the next free worker they keep every worker equally busy (within 5%); one
+    worker keeps the budget as given."""
     rng = np.random.default_rng(0)
     lengths = [int(n) for n in rng.integers(5, 33, size=2000)]
     plain = length_sorted_batches(lengths, max_tokens=2048)
     assert plain == length_sorted_batches(lengths, max_tokens=2048, workers=1)
-
-    def full(batches: list[list[int]]) -> list[int]:
-        padded = [len(b) * lengths[b[0]] for b in batches]
-        assert max(padded) <= 2048
-        return [p for p in padded if p > 2048 // 2]
-
-    assert len(full(plain)) == 19 and len(plain) == 20  # the last batch a quarter full
     for workers in (2, 3, 4):
         batches = length_sorted_batches(lengths, max_tokens=2048, workers=workers)
         assert sorted(i for b in batches for i in b) == list(range(2000))
-        assert len(full(batches)) % workers == 0 and len(batches) - len(full(batches)) <= 1
-        assert min(full(batches)) > 0.95 * max(full(batches))
+        padded = padded_tokens(batches, lengths)
+        assert max(padded) <= 2048 and padded == sorted(padded, reverse=True)
+        busy = [0] * workers
+        for p in padded:  # the next free worker takes the next batch
+            busy[busy.index(min(busy))] += p
+        assert max(busy) <= 1.05 * sum(padded) / workers
 
 
 def test_token_budget_encode_matches_fixed_batches(model):

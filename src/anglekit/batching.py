@@ -122,6 +122,13 @@ class AngleCollator:
         return batch
 
 
+#: What one more forward pass costs besides its tokens, counted in padded tokens: token
+#: budgets cut batches to minimise padded tokens plus this much per batch. On
+#: all-MiniLM-L6-v2 (onnxruntime int8, 2 cores) a 1 x 8 batch took as long as 33 tokens of a
+#: 2,048-token one; 32 and 64 gave the same speed on 2,000 STS-B sentences, 128 and more less.
+BATCH_COST_TOKENS = 64
+
+
 def length_sorted_batches(
     lengths: Sequence[int],
     batch_size: int | None = None,
@@ -133,11 +140,15 @@ def length_sorted_batches(
     most ``max_tokens`` padded tokens (rows x longest row; a longer single row goes alone).
 
     Exactly one of ``batch_size`` and ``max_tokens`` is given. Ties keep input order. With
-    ``max_tokens`` and several ``workers`` (batches run side by side, each taken by the next
-    free worker), the budget is lowered evenly until the batches come in whole rounds of
-    ``workers``: filled to the full budget, 2,000 STS-B sentences made 11 batches of 2,048
-    padded tokens and one of 378, and one of two workers waited for the other to finish its
-    sixth. (Rows are whole, so a batch of a few rows can remain.)
+    ``max_tokens`` the cuts between batches minimise the padded tokens plus
+    :data:`BATCH_COST_TOKENS` per batch, rather than filling each batch in turn: filled in
+    turn, the first batch of 2,000 STS-B sentences took every row of 16 to 32 tokens, 42%
+    padding, and the batches 7% in all (22,856 padded tokens for 21,273); cut this way they
+    hold 21,417, and onnxruntime int8 encoded them in 726 ms against 802 (median of 8
+    passes). With several ``workers`` (batches run side by side, each taken by the next free
+    worker) the budget is lowered evenly until the batches come in whole rounds of
+    ``workers``, so that no worker waits alone for the last batch, and the batches come
+    largest first.
     """
     if (batch_size is None) == (max_tokens is None):
         raise ValueError("give batch_size or max_tokens_per_batch, not both (or neither)")
@@ -147,23 +158,51 @@ def length_sorted_batches(
     order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
     if batch_size is not None:
         return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    batches = _fill(order, lengths, max_tokens)
-    if workers > 1 and batches:
-        padded = sum(len(batch) * max(lengths[batch[0]], 1) for batch in batches)
+    batches = _cut(order, lengths, max_tokens)
+    if workers > 1 and len(batches) > 1:
+        padded = sum(_padded(batch, lengths) for batch in batches)
         wanted = math.ceil(padded / max_tokens / workers) * workers
         budget = math.ceil(padded / wanted)
         if budget < max_tokens:
-            batches = _fill(order, lengths, budget)
+            batches = _cut(order, lengths, budget)
+        batches.sort(key=lambda batch: _padded(batch, lengths), reverse=True)
     return batches
 
 
-def _fill(order: list[int], lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
-    """Rows in ``order`` (longest first) into batches of at most ``max_tokens`` padded tokens."""
-    batches: list[list[int]] = []
-    for i in order:
-        # Sorted longest first, so a batch's padded length is that of its first row.
-        if batches and (len(batches[-1]) + 1) * max(lengths[batches[-1][0]], 1) <= max_tokens:
-            batches[-1].append(i)
-        else:
-            batches.append([i])
+def _padded(batch: list[int], lengths: Sequence[int]) -> int:
+    """Padded tokens of a batch of rows sorted longest first."""
+    return len(batch) * max(lengths[batch[0]], 1)
+
+
+def _cut(order: list[int], lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Rows in ``order`` (longest first) cut into runs of at most ``max_tokens`` padded
+    tokens, with the fewest padded tokens plus :data:`BATCH_COST_TOKENS` per batch.
+
+    Dynamic programming from the last row: ``cost[i]`` is the least for rows ``i`` on, where
+    a batch from row ``i`` to before row ``j`` costs ``(j - i) * size[i]`` plus the batch cost.
+    A batch that starts among rows of its own first row's length can be taken full: moving
+    a row of that length into it from the batch before never costs more. So only batches
+    starting at a new length try every end, and the work is linear in the rows plus the
+    distinct lengths times the rows a batch holds.
+    """
+    n = len(order)
+    size = [max(lengths[i], 1) for i in order]
+    cost = [0] * (n + 1)
+    end = [n] * n
+    for i in range(n - 1, -1, -1):
+        s = size[i]
+        last = min(n, i + max(max_tokens // s, 1))
+        if i > 0 and size[i - 1] == s:  # inside a run of equal lengths: a full batch
+            end[i] = last
+            cost[i] = (last - i) * s + BATCH_COST_TOKENS + cost[last]
+            continue
+        totals = np.arange(1, last - i + 1) * s + np.asarray(cost[i + 1 : last + 1])
+        best = int(totals.argmin())
+        end[i] = i + 1 + best
+        cost[i] = int(totals[best]) + BATCH_COST_TOKENS
+    batches, i = [], 0
+    while i < n:
+        j = end[i]
+        batches.append(order[i:j])
+        i = j
     return batches
