@@ -117,12 +117,13 @@ def test_onnx_matches_torch_decoder_with_prompt(tiny_llama):
 
 def test_int8_close_to_float(tiny_bert):
     """Dynamic int8 stays within cosine 0.99 of float32 and really quantises the graph,
-    the fused attention's query/key/value product included."""
+    the fused attention's query/key/value product included; GELU becomes its tanh form."""
     fp32 = AnglE.from_pretrained(str(tiny_bert), pooling="mean", backend="onnx")
     int8 = AnglE.from_pretrained(str(tiny_bert), pooling="mean", backend="onnx", quantize="int8")
     assert int8.backbone.info.quantize == "int8"
     ops = _op_types(int8)
     assert "QAttention" in ops and "Attention" not in ops
+    assert "FastGelu" in ops and "BiasGelu" not in ops and "BiasGelu" in _op_types(fp32)
     assert ops & {"MatMulInteger", "DynamicQuantizeLinear", "DynamicQuantizeMatMul"}
     assert len(int8.backbone.model) < len(fp32.backbone.model)
     assert _cosines(int8.encode(TEXTS), fp32.encode(TEXTS)).min() > 0.99
@@ -144,7 +145,8 @@ def test_saved_folder_loads_onnx_with_settings(tiny_bert, bert_onnx_dir):
 def test_saved_float_graph_quantised_on_load(bert_onnx_dir):
     """quantize='int8' on a saved float32 export quantises it in memory."""
     model = AnglE.from_pretrained(str(bert_onnx_dir), quantize="int8")
-    assert model.backbone.info.quantize == "int8" and "QAttention" in _op_types(model)
+    assert model.backbone.info.quantize == "int8"
+    assert {"QAttention", "FastGelu"} <= _op_types(model)
     saved = json.loads((bert_onnx_dir / ONNX_INFO_NAME).read_text())
     assert saved["quantize"] is None and saved["fused"] is True
 

@@ -57,6 +57,7 @@ BERT_FAMILY = frozenset({"bert", "roberta", "xlm-roberta", "camembert", "electra
 #: 2,048 x 384 input (2 threads) where the Add and LayerNormalization it replaces took 0.38 ms.
 DISABLED_FUSIONS = ("SkipLayerNormFusion",)
 INSTALL_HINT = 'pip install "anglekit[onnx]"'
+MS_DOMAIN = "com.microsoft"  # onnxruntime's own operators
 
 T = TypeVar("T")
 
@@ -259,7 +260,8 @@ def fuse_bert(model: bytes, config: Any) -> bytes | None:
 
 
 def quantize_int8(model: bytes) -> bytes:
-    """Dynamic int8 quantisation of an ONNX graph with onnxruntime's quantiser.
+    """Dynamic int8 quantisation of an ONNX graph with onnxruntime's quantiser, and GELU by
+    its tanh approximation.
 
     Only the matrix multiplications with constant weights (and fused attention's packed
     query/key/value product) are quantised: int8 weights with one scale per output channel,
@@ -268,10 +270,24 @@ def quantize_int8(model: bytes) -> bytes:
     kernels; embedding tables stay float32. On all-MiniLM-L6-v2 this measured 81.81 STS-B
     test Spearman against 82.03 in float32 (2,048-token batches); one scale per weight
     tensor was a little faster and lost 0.25-0.4 points.
+
+    In a quantised graph GELU is computed in its tanh form (onnxruntime's ``FastGelu``, which
+    takes the same input and bias as the exact ``BiasGelu``): on all-MiniLM-L6-v2 (2,000
+    STS-B sentences, 2,048-token budget, 2 cores with AVX-512 VNNI) encoding went from 2,624
+    to 2,822 sentences/s (median of 5 pairs of processes), the STS-B test score from 81.70 to
+    81.78; the approximation is off by at most 5e-4, far less than the quantisation.
+    Float32 graphs keep the exact form, so they encode as torch does.
     """
     _onnxruntime()
+    import onnx
     from onnx import TensorProto
     from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    graph = onnx.load_from_string(model)
+    for node in graph.graph.node:
+        if node.op_type == "BiasGelu" and node.domain == MS_DOMAIN:
+            node.op_type = "FastGelu"  # same inputs (x, bias)
+    model = graph.SerializeToString()
 
     def quantize(source: Path, target: Path) -> None:
         quantize_dynamic(
