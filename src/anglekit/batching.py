@@ -175,7 +175,7 @@ def _padded(batch: list[int], lengths: Sequence[int]) -> int:
 
 
 def _cut(order: list[int], lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
-    """Rows in ``order`` (longest first) cut into runs of at most ``max_tokens`` padded
+    """Rows in ``order`` (longest first) cut into batches of at most ``max_tokens`` padded
     tokens, with the fewest padded tokens plus :data:`BATCH_COST_TOKENS` per batch.
 
     Dynamic programming from the last row: ``cost[i]`` is the least for rows ``i`` on, where
