@@ -228,13 +228,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from anglekit.distributed import end_process_group
     from anglekit.training import OPTION_GROUPS, fit
 
     names = [f.name for group in OPTION_GROUPS for f in fields(group)]
     try:
         result = fit(**{name: getattr(args, name) for name in names})
     finally:
-        _end_process_group()
+        end_process_group()
     line = f"model saved to {result.model_dir} ({result.steps} steps, "
     line += f"{result.train_examples_per_s:.1f} examples/s"
     if result.best_dev_spearman is not None:
@@ -242,15 +243,6 @@ def _train(args: argparse.Namespace) -> int:
     if os.environ.get("RANK", "0") == "0":
         print(line + ")")
     return 0
-
-
-def _end_process_group() -> None:
-    """Close a torchrun process group before exit: left to the interpreter's shutdown, its
-    communication threads can outlive it and abort the process after a finished run."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def _eval(args: argparse.Namespace) -> int:

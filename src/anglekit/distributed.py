@@ -19,14 +19,30 @@ import warnings
 
 import torch
 
-__all__ = ["gather_batch", "world_size"]
+__all__ = ["end_process_group", "gather_batch", "world_size"]
+
+
+def _initialized() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
 
 
 def world_size() -> int:
     """Number of processes in the default group (1 when not distributed)."""
     import torch.distributed as dist
 
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return dist.get_world_size() if _initialized() else 1
+
+
+def end_process_group() -> None:
+    """Close the default group (a launcher's, e.g. torchrun's) if there is one: left to the
+    interpreter's shutdown, its communication threads can outlive it and abort the process
+    after a finished run."""
+    import torch.distributed as dist
+
+    if _initialized():
+        dist.destroy_process_group()
 
 
 def gather_batch(

@@ -462,9 +462,10 @@ class AnglE(nn.Module):
                 f"texts must be strings; item {bad[0]} is {type(batch[bad[0]]).__name__}"
             )
         precision = parse_precision(precision)
+        onnx = isinstance(self.backbone, OnnxBackbone)
         if all_layers and (precision != Precision.FLOAT32 or calibration is not None):
             raise ValueError("all_layers gives float32 embeddings; quantise one layer's instead")
-        if all_layers and isinstance(self.backbone, OnnxBackbone):
+        if all_layers and onnx:
             raise ValueError("all_layers needs the torch backend: the ONNX export has one output")
         if batch_size is None and max_tokens_per_batch is None:
             batch_size = 32
@@ -473,7 +474,6 @@ class AnglE(nn.Module):
             raise ValueError(f"embedding_size must be in 1..{self.hidden_size}, got {dim}")
         ids = self.tokenize(batch, self.template(prompt, prompt_name))
         # onnxruntime threads its own sessions; GPUs take batches one at a time.
-        onnx = isinstance(self.backbone, OnnxBackbone)
         on_cpu = self.device.type == "cpu" and not onnx
         batches = length_sorted_batches(
             [len(x) for x in ids],
